@@ -1,0 +1,18 @@
+// Registration only: the schemas of the fused kernels. Implementations register themselves
+// per dispatch key in csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL), like torchvision's ops.
+//
+// The public op torch.ops.fpn_kernels.upsample_add_conv1x1 is defined in Python
+// (fpn_kernels/ops.py, a torch.library custom op with fake kernel and autograd); it calls these
+// kernels with normalized inputs: lateral and top contiguous in one memory format
+// (`channels_last`), weight (C_out, C_in) contiguous, bias (C_out,) or None.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fpn_kernels, m) {
+  m.def(
+      "fused_forward(Tensor lateral, Tensor weight, Tensor? bias, Tensor top, str mode, "
+      "float[]? scale_factor, bool channels_last) -> Tensor");
+  m.def(
+      "fused_backward(Tensor grad_out, Tensor lateral, Tensor weight, int[] top_hw, str mode, "
+      "float[]? scale_factor, bool channels_last, bool[] needs) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,24 @@
+"""The "cpu" backend: the fused C++ kernels in csrc/cpu (torch.ops.fpn_kernels.fused_*)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _cpp
+
+
+def unavailable_reason() -> str | None:
+    return _cpp.load("_C")
+
+
+def forward(lateral, weight, bias, top, mode, scale_factor, channels_last):
+    return torch.ops.fpn_kernels.fused_forward(
+        lateral, weight, bias, top, mode, scale_factor, channels_last
+    )
+
+
+def backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, needs):
+    grads = torch.ops.fpn_kernels.fused_backward(
+        grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, needs
+    )
+    return tuple(g if need else None for g, need in zip(grads, needs))

@@ -1,0 +1,21 @@
+"""The "eager" backend: the reference implementation, always available."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .reference import upsample_add_conv1x1_reference, upsample_add_conv1x1_reference_backward
+
+
+def forward(lateral, weight, bias, top, mode, scale_factor, channels_last) -> Tensor:
+    return upsample_add_conv1x1_reference(lateral, weight, bias, top, mode, scale_factor)
+
+
+def backward(grad_out, lateral, weight, top_hw: Sequence[int], mode, scale_factor, channels_last,
+             needs):
+    grads = upsample_add_conv1x1_reference_backward(
+        grad_out, lateral, weight, top_hw, mode, scale_factor
+    )
+    return tuple(g if need else None for g, need in zip(grads, needs))

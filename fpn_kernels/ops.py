@@ -1,0 +1,329 @@
+"""The op: ``torch.ops.fpn_kernels.upsample_add_conv1x1`` and its public wrapper.
+
+``upsample_add_conv1x1(lateral, weight, bias, top)`` computes, in one pass,
+``conv2d(lateral, weight, bias) + interpolate(top, size=lateral.shape[-2:], mode=mode)``.
+
+Layers, outermost first:
+
+* :func:`upsample_add_conv1x1` (public): validates every argument with errors that name it,
+  applies autocast like eager would, resolves ``backend="auto"``, calls the custom op.
+* ``fpn_kernels::upsample_add_conv1x1`` (``torch.library.custom_op``): one opaque node for
+  ``torch.compile``/``torch.export``, with a fake kernel and autograd. It normalizes the
+  layout (see ``backends.py``) and calls the chosen backend.
+* ``fpn_kernels::upsample_add_conv1x1_backward``: the fused backward, also a custom op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .indexing import MODES
+
+# --------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> str:
+    return f"{t.dim()}-D tensor of shape {tuple(t.shape)}"
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _normalize_scale_factor(
+    scale_factor: object, top_hw: Sequence[int], out_hw: Sequence[int]
+) -> list[float] | None:
+    if scale_factor is None:
+        return None
+    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float, Sequence)):
+        raise TypeError(
+            "scale_factor: expected None, a float or a pair of floats, "
+            f"got {type(scale_factor).__name__}"
+        )
+    pair = (
+        [scale_factor, scale_factor]
+        if isinstance(scale_factor, (int, float))
+        else list(scale_factor)
+    )
+    if len(pair) != 2 or not all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in pair
+    ):
+        raise TypeError(
+            f"scale_factor: expected None, a float or a pair of floats, got {scale_factor!r}"
+        )
+    pair = [float(s) for s in pair]
+    if not all(math.isfinite(s) and s > 0 for s in pair):
+        raise ValueError(f"scale_factor: expected finite values > 0, got {scale_factor!r}")
+    # F.interpolate's output size for a scale factor: floor(in * scale) (in float64).
+    got = [math.floor(float(i) * s) for i, s in zip(top_hw, pair)]
+    if got != list(out_hw):
+        raise ValueError(
+            f"scale_factor: {scale_factor!r} upsamples top's {tuple(top_hw)} to {tuple(got)}, "
+            f"but lateral's spatial size is {tuple(out_hw)}"
+        )
+    return pair
+
+
+def validate(
+    lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor, mode: str,
+    scale_factor: object,
+) -> tuple[Tensor, list[float] | None]:
+    """Check every argument; return the 2-D weight and the normalized ``[sh, sw]`` or None."""
+    lateral = _check_tensor("lateral", lateral)
+    weight = _check_tensor("weight", weight)
+    top = _check_tensor("top", top)
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode: expected a str, got {type(mode).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if lateral.dim() != 4:
+        raise ValueError(f"lateral: expected a 4-D tensor (N, C_in, H, W), got a {_shape(lateral)}")
+    if top.dim() != 4:
+        raise ValueError(f"top: expected a 4-D tensor (N, C_out, h, w), got a {_shape(top)}")
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
+        weight2d = weight.reshape(weight.shape[0], weight.shape[1])
+    elif weight.dim() == 2:
+        weight2d = weight
+    else:
+        raise ValueError(
+            f"weight: expected a (C_out, C_in, 1, 1) or (C_out, C_in) tensor, got a {_shape(weight)}"
+        )
+    for name, t in (("lateral", lateral), ("weight", weight), ("top", top), ("bias", bias)):
+        if t is not None and t.dtype not in backends.FLOAT_DTYPES:
+            raise TypeError(
+                f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
+                f"got {t.dtype}"
+            )
+    for name, t in (("weight", weight), ("top", top), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != lateral.dtype:
+            raise TypeError(f"{name}: expected dtype {lateral.dtype} (lateral's), got {t.dtype}")
+        if t.device != lateral.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {lateral.device} (lateral's device), got {t.device}"
+            )
+    c_out, c_in = weight2d.shape
+    if lateral.shape[1] != c_in:
+        raise ValueError(
+            f"weight: expected C_in = {lateral.shape[1]} (lateral's channels), got weight of shape "
+            f"{tuple(weight.shape)}"
+        )
+    if top.shape[1] != c_out:
+        raise ValueError(
+            f"top: expected C_out = {c_out} channels (weight's output channels), got top of shape "
+            f"{tuple(top.shape)}"
+        )
+    if top.shape[0] != lateral.shape[0]:
+        raise ValueError(
+            f"top: expected batch size {lateral.shape[0]} (lateral's), got {top.shape[0]}"
+        )
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias: expected shape ({c_out},), got {tuple(bias.shape)}")
+    out_hw, top_hw = tuple(lateral.shape[2:]), tuple(top.shape[2:])
+    if min(out_hw) > 0 and min(top_hw) == 0:
+        raise ValueError(
+            f"top: cannot upsample an empty {top_hw} map to lateral's {out_hw} (eager raises too)"
+        )
+    return weight2d, _normalize_scale_factor(scale_factor, top_hw, out_hw)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """The output memory format rule (like conv2d): channels_last iff ``x``'s channels are
+    innermost and it is not plainly contiguous. Every backend obeys this one rule."""
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    s = x.stride()
+    return x.shape[1] > 1 and s[1] < s[3] <= s[2] and s[1] < s[0]
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _normalize(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor):
+    channels_last = is_channels_last(lateral)
+    fmt = _memory_format(channels_last)
+    weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+    return (
+        lateral.contiguous(memory_format=fmt),
+        weight2d,
+        bias.contiguous() if bias is not None else None,
+        top.contiguous(memory_format=fmt),
+        channels_last,
+    )
+
+
+def _resolve(backend: str, t: Tensor) -> str:
+    return backends.select_backend(backend, t.device, t.dtype)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fpn_kernels::upsample_add_conv1x1", mutates_args=())
+def _upsample_add_conv1x1(
+    lateral: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    top: Tensor,
+    mode: str = "nearest",
+    scale_factor: list[float] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    name = _resolve(backend, lateral)
+    lateral, weight2d, bias, top, channels_last = _normalize(lateral, weight, bias, top)
+    return backends.BACKENDS[name].impl.forward(
+        lateral, weight2d, bias, top, mode, scale_factor, channels_last
+    )
+
+
+@_upsample_add_conv1x1.register_fake
+def _(lateral, weight, bias, top, mode="nearest", scale_factor=None, backend="auto"):
+    n, _, h, w = lateral.shape
+    fmt = _memory_format(is_channels_last(lateral))
+    return lateral.new_empty((n, weight.shape[0], h, w)).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("fpn_kernels::upsample_add_conv1x1_backward", mutates_args=())
+def _upsample_add_conv1x1_backward(
+    grad_out: Tensor,
+    lateral: Tensor,
+    weight: Tensor,
+    top_hw: list[int],
+    mode: str,
+    scale_factor: list[float] | None,
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    name = _resolve(backend, lateral)
+    channels_last = is_channels_last(lateral)
+    fmt = _memory_format(channels_last)
+    weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+    grads = backends.BACKENDS[name].impl.backward(
+        grad_out.contiguous(memory_format=fmt),
+        lateral.contiguous(memory_format=fmt),
+        weight2d,
+        list(top_hw),
+        mode,
+        scale_factor,
+        channels_last,
+        list(needs),
+    )
+    # A custom op returns tensors only: an empty tensor stands for "not needed".
+    empty = grad_out.new_empty((0,))
+    return tuple(g if g is not None else empty for g in grads)  # type: ignore[return-value]
+
+
+@_upsample_add_conv1x1_backward.register_fake
+def _(grad_out, lateral, weight, top_hw, mode, scale_factor, backend, needs):
+    n, c_in, _, _ = lateral.shape
+    c_out = weight.shape[0]
+    fmt = _memory_format(is_channels_last(lateral))
+    shapes = [(n, c_in, *lateral.shape[2:]), (c_out, c_in), (c_out,), (n, c_out, *top_hw)]
+    out = []
+    for i, (need, shape) in enumerate(zip(needs, shapes)):
+        if not need:
+            out.append(grad_out.new_empty((0,)))
+        elif i in (0, 3):
+            out.append(grad_out.new_empty(shape).contiguous(memory_format=fmt))
+        else:
+            out.append(grad_out.new_empty(shape))
+    return tuple(out)
+
+
+def _setup_context(ctx, inputs, output):
+    lateral, weight, bias, top, mode, scale_factor, backend = inputs
+    ctx.save_for_backward(lateral, weight)
+    ctx.has_bias = bias is not None
+    ctx.top_hw = list(top.shape[2:])
+    ctx.mode, ctx.scale_factor, ctx.backend = mode, scale_factor, backend
+
+
+def _backward(ctx, grad_out):
+    lateral, weight = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    needs[2] = needs[2] and ctx.has_bias
+    if not any(needs):
+        return None, None, None, None, None, None, None
+    g_lat, g_w, g_b, g_top = _upsample_add_conv1x1_backward(
+        grad_out, lateral, weight, ctx.top_hw, ctx.mode, ctx.scale_factor, ctx.backend, needs
+    )
+    return (
+        g_lat if needs[0] else None,
+        g_w.reshape(weight.shape) if needs[1] else None,
+        g_b if needs[2] else None,
+        g_top if needs[3] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_upsample_add_conv1x1.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _autocast(lateral, weight, bias, top):
+    """Mirror eager under ``torch.autocast``: conv2d runs in the autocast dtype, interpolate
+    keeps ``top``'s dtype, and the add promotes. We round the conv inputs through the autocast
+    dtype (as eager does) and compute in the promoted dtype."""
+    device_type = lateral.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return lateral, weight, bias, top
+    low = torch.get_autocast_dtype(device_type)
+    out_dtype = torch.promote_types(low, top.dtype)
+    with torch.autocast(device_type, enabled=False):
+        lateral, weight = (t.to(low).to(out_dtype) for t in (lateral, weight))
+        bias = bias.to(low).to(out_dtype) if bias is not None else None
+        top = top.to(out_dtype)
+    return lateral, weight, bias, top
+
+
+def upsample_add_conv1x1(
+    lateral: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    top: Tensor,
+    *,
+    mode: str = "nearest",
+    scale_factor: float | Sequence[float] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``conv2d(lateral, weight, bias) + interpolate(top, size=lateral.shape[-2:], mode=mode)``
+    in one pass.
+
+    Args:
+        lateral: (N, C_in, H, W), NCHW or channels_last (the output follows it).
+        weight: (C_out, C_in, 1, 1) or (C_out, C_in).
+        bias: (C_out,) or None.
+        top: (N, C_out, h, w), any h, w.
+        mode: "nearest" or "nearest-exact", as in ``F.interpolate``.
+        scale_factor: None, or the float (or (h, w) pair) passed to ``F.interpolate`` instead
+            of a size; ``floor(h * scale)`` must equal H (and likewise for W).
+        backend: "auto" or one of :func:`fpn_kernels.available_backends`.
+    """
+    weight2d, sf = validate(lateral, weight, bias, top, mode, scale_factor)
+    lateral, weight, bias, top = _autocast(lateral, weight, bias, top)
+    name = _resolve(backend, lateral)
+    backends.announce_missing_once()
+    if lateral.numel() == 0 or top.numel() == 0 or weight.numel() == 0:
+        # Degenerate sizes (N, C or H*W zero): eager's answer, which every backend shares.
+        name = "eager"
+    return _upsample_add_conv1x1(lateral, weight, bias, top, mode, sf, name)

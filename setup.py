@@ -1,0 +1,77 @@
+"""Builds the C++ extension (CPU kernels, always) and the CUDA extension (when possible).
+
+Environment:
+  FPN_KERNELS_BUILD_CUDA   "auto" (default): build the CUDA kernels when torch has CUDA and nvcc
+                           is found; "1": require it; "0": skip it.
+  TORCH_CUDA_ARCH_LIST     default "8.0;9.0" (keeps CI's build short).
+Build with torch already installed: ``pip install --no-build-isolation -e .``.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("FPN_KERNELS_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    import torch
+
+    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    have = torch.version.cuda is not None and bool(nvcc or shutil.which("nvcc"))
+    if flag in ("1", "true", "yes", "on") and not have:
+        raise RuntimeError(
+            "FPN_KERNELS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
+        )
+    return have and bool(_sources("csrc/cuda/*.cu"))
+
+
+ext_modules = [
+    cpp_extension.CppExtension(
+        "fpn_kernels._C",
+        _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+    )
+]
+if _want_cuda():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext_modules.append(
+        cpp_extension.CUDAExtension(
+            "fpn_kernels._C_cuda",
+            _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={
+                "cxx": CXX_FLAGS,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas=-v"],
+            },
+        )
+    )
+
+setup(
+    name="fpn_kernels",
+    version="0.1.0",
+    description="Fused FPN top-down merge (1x1 conv + nearest upsample + add): Triton, CUDA, C++",
+    packages=find_packages(include=["fpn_kernels", "fpn_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "mypy", "rich", "matplotlib"],
+        "triton": ["triton"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
