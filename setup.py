@@ -15,7 +15,7 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden"]
 
 
 def _sources(pattern: str) -> list[str]:
@@ -55,7 +55,7 @@ if _want_cuda():
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas=-v"],
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v"],
             },
         )
     )

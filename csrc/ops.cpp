@@ -13,6 +13,6 @@ TORCH_LIBRARY(fpn_kernels, m) {
       "float[]? scale_factor, bool channels_last) -> Tensor");
   m.def(
       "fused_backward(Tensor grad_out, Tensor lateral, Tensor weight, int[] top_hw, str mode, "
-      "float[]? scale_factor, bool channels_last, bool[] needs) -> "
+      "float[]? scale_factor, bool channels_last, bool[4] needs) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,19 +1,31 @@
-"""Loads the compiled extensions, each in its own try block, and remembers why one failed."""
+"""Loads the compiled extensions, each in its own try block, and remembers why one failed.
+
+The extensions are plain shared libraries that register ops with the dispatcher
+(TORCH_LIBRARY); they are found like modules (``fpn_kernels/_C*.so``) and loaded with
+``torch.ops.load_library``.
+"""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
+
+import torch
 
 _errors: dict[str, str] = {}
 
 
 def load(name: str) -> str | None:
-    """Import ``fpn_kernels.<name>``; None on success, else the reason it is missing."""
-    if name in _errors:
-        return _errors[name] or None
-    try:
-        importlib.import_module(f"fpn_kernels.{name}")
-        _errors[name] = ""
-    except ImportError as exc:  # not built, or built against another torch
-        _errors[name] = f"fpn_kernels.{name} not importable ({exc})"
+    """Load ``fpn_kernels.<name>``; None on success, else the reason it is missing."""
+    if name not in _errors:
+        spec = importlib.util.find_spec(f"fpn_kernels.{name}")
+        if spec is None or spec.origin is None:
+            _errors[name] = (
+                f"fpn_kernels.{name} was not built (pip install --no-build-isolation -e .)"
+            )
+        else:
+            try:
+                torch.ops.load_library(spec.origin)
+                _errors[name] = ""
+            except OSError as exc:  # built against another torch, missing symbols, ...
+                _errors[name] = f"fpn_kernels.{name} failed to load ({exc})"
     return _errors[name] or None

@@ -1,0 +1,405 @@
+// Fused CPU kernels: out = conv1x1(lateral, weight) + bias + nearest_upsample(top).
+//
+// Forward, per task = (image n, tile of kTilePixels output pixels):
+//   1. one GEMM (at::mm_out on views of the tiles: torch's own BLAS, MKL in the x86 wheels) of
+//      weight (C_out, C_in) with the lateral tile (C_in, P), written straight into the output
+//      tile (float/double) or, for bfloat16/half, an fp32 tile from fp32 copies of the operand
+//      tiles (fp32 accumulation, one rounding at the end: the copies cost C_in*P conversions
+//      against 2*C_out*C_in*P flops);
+//   2. the epilogue while that tile is hot in L2: + bias + top[src_row(y), src_col(x)], one store.
+// The output is the only output-sized allocation.
+//
+// Backward (deterministic: fixed tiles and chunks, ordered reductions, no atomics, no
+// dependence on the thread count):
+//   grad_lateral = weight^T @ grad_out        per (n, pixel tile), like the forward;
+//   grad_weight  = sum_n grad_out_n @ lateral_n^T, grad_bias = sum grad_out: fixed pixel chunks
+//                  in order, each chunk's GEMM parallel over blocks of C_out rows;
+//   grad_top     = for each top pixel, the ordered sum over the destination rectangle that
+//                  reads it (NearestAxis::first_destination, the exact adjoint).
+//
+// Layouts: NCHW holds an image as (C, H*W) row-major; channels_last as (H*W, C). Every GEMM
+// below is written row-major on strided 2-D views of those buffers (no copies for float/double).
+// at::native::cpublas::gemm would avoid the view objects, but libtorch does not export it.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/op_args.h"
+
+namespace fpn_kernels {
+namespace {
+
+// Output pixels per forward/grad_lateral task: C_out x 256 floats (256 KiB at C_out = 256) plus
+// the lateral tile stay in a core's L2 while the epilogue runs.
+constexpr int64_t kTilePixels = 256;
+// Pixels per grad_weight chunk (the GEMM's reduction length); fixed, so sums never depend on
+// the thread count.
+constexpr int64_t kChunkPixels = 1024;
+// grad_weight/grad_bias rows (C_out) per parallel task.
+constexpr int64_t kRowBlock = 32;
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16, else scalar_t
+
+template <typename scalar_t>
+constexpr bool kAccumulatesInPlace = std::is_same_v<scalar_t, acc_t<scalar_t>>;
+
+// A (rows x cols) view with strides (row_stride, col_stride) of a raw buffer.
+template <typename scalar_t>
+at::Tensor view2d(const scalar_t* data, int64_t rows, int64_t cols, int64_t row_stride,
+                  int64_t col_stride) {
+  return at::from_blob(const_cast<scalar_t*>(data), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+}
+
+// A GEMM operand in accumulation precision: the view itself, or an fp32 copy of a half/bf16 tile.
+inline at::Tensor as_acc(const at::Tensor& view) {
+  return at::isReducedFloatingType(view.scalar_type()) ? view.to(at::kFloat) : view;
+}
+
+// c = a @ b (or c += a @ b): at::mm_out honours row- and column-major strides without copies.
+inline void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    at::addmm_out(c, c, a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+// Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.
+struct AxisTables {
+  std::vector<int64_t> src;    // src[dst]
+  std::vector<int64_t> begin;  // dst in [begin[s], begin[s+1]) read source s
+};
+
+AxisTables axis_tables(const NearestAxis& axis, bool with_adjoint) {
+  AxisTables t{source_table(axis), {}};
+  if (with_adjoint) t.begin = destination_begin_table(axis);
+  return t;
+}
+
+struct Shape {
+  int64_t n, c_in, c_out, h, w, top_h, top_w;
+  int64_t pixels() const { return h * w; }
+  int64_t top_pixels() const { return top_h * top_w; }
+};
+
+Shape shape_of(const at::Tensor& lateral, const at::Tensor& weight, int64_t top_h,
+               int64_t top_w) {
+  return Shape{lateral.size(0), lateral.size(1), weight.size(0), lateral.size(2),
+               lateral.size(3), top_h, top_w};
+}
+
+// Pixel tiles [p0, p0 + np) of every image, numbered n * tiles + t.
+struct Tiles {
+  int64_t pixels, size, per_image;
+  Tiles(int64_t pixels, int64_t size)
+      : pixels(pixels), size(size), per_image((pixels + size - 1) / size) {}
+  int64_t image(int64_t task) const { return task / per_image; }
+  int64_t start(int64_t task) const { return (task % per_image) * size; }
+  int64_t length(int64_t task) const { return std::min(size, pixels - start(task)); }
+};
+
+// --------------------------------------------------------------------------- forward
+
+// acc (C_out, P) row-major with row stride ldacc -> out tile, adding bias and the gathered top.
+template <typename scalar_t>
+void epilogue_nchw(const Shape& s, int64_t n, int64_t p0, int64_t np,
+                   const acc_t<scalar_t>* acc, int64_t ldacc, const scalar_t* bias,
+                   const scalar_t* top, scalar_t* out, const AxisTables& rows,
+                   const AxisTables& cols) {
+  using acc_type = acc_t<scalar_t>;
+  const int64_t hw = s.pixels();
+  const int64_t* src_col = cols.src.data();
+  for (int64_t o = 0; o < s.c_out; ++o) {
+    const acc_type b = bias ? static_cast<acc_type>(bias[o]) : acc_type(0);
+    const scalar_t* top_plane = top + (n * s.c_out + o) * s.top_pixels();
+    const acc_type* acc_row = acc + o * ldacc - p0;  // indexed by the image pixel p
+    scalar_t* out_row = out + (n * s.c_out + o) * hw;
+    // Walk the tile [p0, p0 + np) one output-row segment at a time.
+    for (int64_t p = p0; p < p0 + np;) {
+      const int64_t y = p / s.w, x0 = p - y * s.w;
+      const int64_t x1 = std::min(s.w, x0 + (p0 + np - p));
+      const scalar_t* top_row = top_plane + rows.src[y] * s.top_w;
+      const acc_type* a = acc_row + p - x0;
+      scalar_t* dst = out_row + p - x0;
+      for (int64_t x = x0; x < x1; ++x) {
+        dst[x] = static_cast<scalar_t>(a[x] + b + static_cast<acc_type>(top_row[src_col[x]]));
+      }
+      p += x1 - x0;
+    }
+  }
+}
+
+// acc (P, C_out) row-major -> out tile (channels_last): the top pixel is a contiguous C_out row.
+template <typename scalar_t>
+void epilogue_channels_last(const Shape& s, int64_t n, int64_t p0, int64_t np,
+                            const acc_t<scalar_t>* acc, const scalar_t* bias, const scalar_t* top,
+                            scalar_t* out, const AxisTables& rows, const AxisTables& cols) {
+  using acc_type = acc_t<scalar_t>;
+  for (int64_t p = p0; p < p0 + np; ++p) {
+    const int64_t y = p / s.w, x = p - y * s.w;
+    const scalar_t* top_pixel =
+        top + ((n * s.top_h + rows.src[y]) * s.top_w + cols.src[x]) * s.c_out;
+    const acc_type* a = acc + (p - p0) * s.c_out;
+    scalar_t* dst = out + (n * s.pixels() + p) * s.c_out;
+    if (bias) {
+      for (int64_t o = 0; o < s.c_out; ++o)
+        dst[o] = static_cast<scalar_t>(a[o] + static_cast<acc_type>(bias[o]) +
+                                       static_cast<acc_type>(top_pixel[o]));
+    } else {
+      for (int64_t o = 0; o < s.c_out; ++o)
+        dst[o] = static_cast<scalar_t>(a[o] + static_cast<acc_type>(top_pixel[o]));
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& weight,
+                    const scalar_t* bias, const scalar_t* top, scalar_t* out, bool channels_last,
+                    const AxisTables& rows, const AxisTables& cols) {
+  using acc = acc_t<scalar_t>;
+  const int64_t hw = s.pixels();
+  const Tiles tiles(hw, kTilePixels);
+  const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
+  at::parallel_for(0, s.n * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
+      if (!channels_last) {
+        // out_tile (C_out, P) = weight (C_out, C_in) @ lateral_tile (C_in, P).
+        const at::Tensor lat = as_acc(view2d(lateral + n * s.c_in * hw + p0, s.c_in, np, hw, 1));
+        scalar_t* out_tile = out + n * s.c_out * hw + p0;
+        at::Tensor c = kAccumulatesInPlace<scalar_t>
+                           ? view2d(out_tile, s.c_out, np, hw, 1)
+                           : at::empty({s.c_out, np}, weight_acc.options());
+        matmul(c, weight_acc, lat, false);
+        epilogue_nchw<scalar_t>(s, n, p0, np, c.const_data_ptr<acc>(), c.stride(0), bias, top,
+                                out, rows, cols);
+      } else {
+        // out_tile (P, C_out) = lateral_tile (P, C_in) @ weight^T (C_in, C_out).
+        const int64_t pixel = n * hw + p0;
+        const at::Tensor lat = as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1));
+        at::Tensor c = kAccumulatesInPlace<scalar_t>
+                           ? view2d(out + pixel * s.c_out, np, s.c_out, s.c_out, 1)
+                           : at::empty({np, s.c_out}, weight_acc.options());
+        matmul(c, lat, weight_acc.t(), false);
+        epilogue_channels_last<scalar_t>(s, n, p0, np, c.const_data_ptr<acc>(), bias, top, out,
+                                         rows, cols);
+      }
+    }
+  });
+}
+
+at::Tensor fused_forward_cpu(const at::Tensor& lateral, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& top,
+                             c10::string_view mode, std::optional<at::ArrayRef<double>> scale_factor,
+                             bool channels_last) {
+  check_forward_args(lateral, weight, bias, top, channels_last);
+  const Shape s = shape_of(lateral, weight, top.size(2), top.size(3));
+  const UpsampleGeometry g = make_geometry(s.top_h, s.top_w, s.h, s.w,
+                                           std::string_view(mode.data(), mode.size()),
+                                           scale_factor, /*size_shortcuts=*/true);
+  const AxisTables rows = axis_tables(g.rows, false), cols = axis_tables(g.cols, false);
+  at::Tensor out = at::empty({s.n, s.c_out, s.h, s.w},
+                             lateral.options().memory_format(memory_format(channels_last)));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lateral.scalar_type(),
+                                  "fused_forward_cpu", [&] {
+    forward_kernel<scalar_t>(s, lateral.const_data_ptr<scalar_t>(), weight,
+                             bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+                             top.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                             channels_last, rows, cols);
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------- backward
+
+template <typename scalar_t>
+void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Tensor& weight,
+                         at::Tensor& grad_lateral, bool channels_last) {
+  const int64_t hw = s.pixels();
+  const Tiles tiles(hw, kTilePixels);
+  const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
+  scalar_t* grad_lat = grad_lateral.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, s.n * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
+      at::Tensor dst;
+      if (!channels_last) {
+        // grad_lat_tile (C_in, P) = weight^T (C_in, C_out) @ grad_tile (C_out, P).
+        const at::Tensor grad = as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
+        dst = view2d(grad_lat + n * s.c_in * hw + p0, s.c_in, np, hw, 1);
+        at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({s.c_in, np}, grad.options());
+        matmul(c, weight_acc.t(), grad, false);
+        if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
+      } else {
+        // grad_lat_tile (P, C_in) = grad_tile (P, C_out) @ weight (C_out, C_in).
+        const int64_t pixel = n * hw + p0;
+        const at::Tensor grad = as_acc(view2d(grad_out + pixel * s.c_out, np, s.c_out, s.c_out, 1));
+        dst = view2d(grad_lat + pixel * s.c_in, np, s.c_in, s.c_in, 1);
+        at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({np, s.c_in}, grad.options());
+        matmul(c, grad, weight_acc, false);
+        if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
+      }
+    }
+  });
+}
+
+// grad_weight (C_out, C_in) += grad_chunk (C_out, P) @ lateral_chunk^T (P, C_in) and
+// grad_bias += row sums, over fixed pixel chunks in order; each chunk's GEMM is split over
+// blocks of C_out rows (each block owns its rows: no races, no thread-count dependence).
+template <typename scalar_t>
+void grad_weight_bias_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
+                             at::Tensor& weight_acc, double* grad_bias, bool channels_last) {
+  using acc = acc_t<scalar_t>;
+  const int64_t hw = s.pixels();
+  const Tiles chunks(hw, kChunkPixels);
+  const int64_t row_blocks = (s.c_out + kRowBlock - 1) / kRowBlock;
+  for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
+    const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+    // lateral_chunk^T (P, C_in), converted once per chunk for half/bfloat16.
+    const at::Tensor lat_t =
+        channels_last
+            ? as_acc(view2d(lateral + (n * hw + p0) * s.c_in, np, s.c_in, s.c_in, 1))
+            : as_acc(view2d(lateral + n * s.c_in * hw + p0, np, s.c_in, 1, hw));
+    at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t o0 = block * kRowBlock, rows = std::min(kRowBlock, s.c_out - o0);
+        const at::Tensor grad =
+            channels_last
+                ? as_acc(view2d(grad_out + (n * hw + p0) * s.c_out + o0, rows, np, 1, s.c_out))
+                : as_acc(view2d(grad_out + (n * s.c_out + o0) * hw + p0, rows, np, hw, 1));
+        at::Tensor gw = weight_acc.narrow(0, o0, rows);
+        matmul(gw, grad, lat_t, /*accumulate=*/chunk > 0);
+        if (grad_bias) {
+          // Ordered sum of each row over the chunk, in acc precision, then into double.
+          const acc* g = grad.const_data_ptr<acc>();
+          for (int64_t o = 0; o < rows; ++o) {
+            acc sum = 0;
+            for (int64_t p = 0; p < np; ++p) sum += g[o * grad.stride(0) + p * grad.stride(1)];
+            grad_bias[o0 + o] += sum;
+          }
+        }
+      }
+    });
+  }
+}
+
+// grad_top[n, o, sy, sx] = ordered sum of grad_out over rows [rows.begin[sy], rows.begin[sy+1])
+// x cols [cols.begin[sx], cols.begin[sx+1]).
+template <typename scalar_t>
+void grad_top_kernel(const Shape& s, const scalar_t* grad_out, scalar_t* grad_top,
+                     bool channels_last, const AxisTables& rows, const AxisTables& cols) {
+  using acc = acc_t<scalar_t>;
+  const int64_t hw = s.pixels();
+  if (!channels_last) {
+    at::parallel_for(0, s.n * s.c_out, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> row_sum(s.w);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* g = grad_out + plane * hw;
+        scalar_t* gt = grad_top + plane * s.top_pixels();
+        for (int64_t sy = 0; sy < s.top_h; ++sy) {
+          std::fill(row_sum.begin(), row_sum.end(), acc(0));
+          for (int64_t y = rows.begin[sy]; y < rows.begin[sy + 1]; ++y)
+            for (int64_t x = 0; x < s.w; ++x) row_sum[x] += static_cast<acc>(g[y * s.w + x]);
+          for (int64_t sx = 0; sx < s.top_w; ++sx) {
+            acc sum = 0;
+            for (int64_t x = cols.begin[sx]; x < cols.begin[sx + 1]; ++x) sum += row_sum[x];
+            gt[sy * s.top_w + sx] = static_cast<scalar_t>(sum);
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, s.n * s.top_h, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> sum(s.c_out);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / s.top_h, sy = task % s.top_h;
+        for (int64_t sx = 0; sx < s.top_w; ++sx) {
+          std::fill(sum.begin(), sum.end(), acc(0));
+          for (int64_t y = rows.begin[sy]; y < rows.begin[sy + 1]; ++y)
+            for (int64_t x = cols.begin[sx]; x < cols.begin[sx + 1]; ++x) {
+              const scalar_t* g = grad_out + (n * hw + y * s.w + x) * s.c_out;
+              for (int64_t o = 0; o < s.c_out; ++o) sum[o] += static_cast<acc>(g[o]);
+            }
+          scalar_t* gt = grad_top + ((n * s.top_h + sy) * s.top_w + sx) * s.c_out;
+          for (int64_t o = 0; o < s.c_out; ++o) gt[o] = static_cast<scalar_t>(sum[o]);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& lateral, const at::Tensor& weight,
+    at::IntArrayRef top_hw, c10::string_view mode,
+    std::optional<at::ArrayRef<double>> scale_factor, bool channels_last,
+    std::array<bool, 4> needs) {
+  TORCH_CHECK(top_hw.size() == 2, "top_hw: expected [h, w], got ", top_hw);
+  TORCH_CHECK(lateral.dim() == 4 && weight.dim() == 2 && weight.size(1) == lateral.size(1),
+              "lateral, weight: expected (N, C_in, H, W) and (C_out, C_in), got ",
+              lateral.sizes(), " and ", weight.sizes());
+  const Shape s = shape_of(lateral, weight, top_hw[0], top_hw[1]);
+  const auto fmt = memory_format(channels_last);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.n && grad_out.size(1) == s.c_out &&
+                  grad_out.size(2) == s.h && grad_out.size(3) == s.w,
+              "grad_out: expected shape (", s.n, ", ", s.c_out, ", ", s.h, ", ", s.w, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.is_contiguous(fmt) && lateral.is_contiguous(fmt) && weight.is_contiguous(),
+              "grad_out, lateral: expected contiguous in one memory format, weight contiguous");
+  TORCH_CHECK(grad_out.scalar_type() == lateral.scalar_type() &&
+                  weight.scalar_type() == lateral.scalar_type(),
+              "grad_out, weight: expected dtype ", lateral.scalar_type());
+  const UpsampleGeometry g = make_geometry(s.top_h, s.top_w, s.h, s.w,
+                                           std::string_view(mode.data(), mode.size()),
+                                           scale_factor, /*size_shortcuts=*/true);
+  const auto opts = lateral.options();
+  const auto none = at::empty({0}, opts);
+  at::Tensor grad_lateral = none, grad_weight = none, grad_bias = none, grad_top = none;
+  if (needs[0]) grad_lateral = at::empty(lateral.sizes(), opts.memory_format(fmt));
+  if (needs[3]) grad_top = at::empty({s.n, s.c_out, s.top_h, s.top_w}, opts.memory_format(fmt));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lateral.scalar_type(),
+                                  "fused_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    if (needs[0] && grad_lateral.numel() > 0) {
+      grad_lateral_kernel<scalar_t>(s, go, weight, grad_lateral, channels_last);
+    }
+    if (needs[1] || needs[2]) {
+      // Accumulate in acc precision (grad_bias in double); round to scalar_t once at the end.
+      at::Tensor weight_acc =
+          at::zeros({s.c_out, s.c_in}, opts.dtype(c10::CppTypeToScalarType<acc>::value));
+      at::Tensor bias_acc = at::zeros({s.c_out}, opts.dtype(at::kDouble));
+      if (s.n * s.pixels() > 0) {
+        grad_weight_bias_kernel<scalar_t>(s, go, lateral.const_data_ptr<scalar_t>(), weight_acc,
+                                          needs[2] ? bias_acc.mutable_data_ptr<double>() : nullptr,
+                                          channels_last);
+      }
+      if (needs[1]) grad_weight = weight_acc.to(lateral.scalar_type());
+      if (needs[2]) grad_bias = bias_acc.to(lateral.scalar_type());
+    }
+    if (needs[3] && grad_top.numel() > 0) {
+      const AxisTables rows = axis_tables(g.rows, true), cols = axis_tables(g.cols, true);
+      grad_top_kernel<scalar_t>(s, go, grad_top.mutable_data_ptr<scalar_t>(), channels_last,
+                                rows, cols);
+    }
+  });
+  return {grad_lateral, grad_weight, grad_bias, grad_top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fpn_kernels, CPU, m) {
+  m.impl("fused_forward", &fused_forward_cpu);
+  m.impl("fused_backward", &fused_backward_cpu);
+}
+
+}  // namespace fpn_kernels
