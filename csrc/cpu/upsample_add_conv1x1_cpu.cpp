@@ -28,16 +28,21 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common/op_args.h"
 
 namespace fpn_kernels {
 namespace {
 
-// Output pixels per forward/grad_lateral task: C_out x 256 floats (256 KiB at C_out = 256) plus
-// the lateral tile stay in a core's L2 while the epilogue runs.
-constexpr int64_t kTilePixels = 256;
+// Target output pixels per forward/grad_lateral task: the C_out x ~1024 fp32 tile (1 MiB at
+// C_out = 256) stays in a core's L2 (2 MiB here) while the epilogue runs.
+constexpr int64_t kTilePixels = 1024;
 // Pixels per grad_weight chunk (the GEMM's reduction length); fixed, so sums never depend on
 // the thread count.
 constexpr int64_t kChunkPixels = 1024;
@@ -73,15 +78,55 @@ inline void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool
 }
 
 // Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.
+// The gather's shape, recognised from the table (not re-derived): FPN's common cases get
+// loops the compiler vectorizes.
+enum class GatherKind { kIdentity, kDouble, kGeneral };
+
 struct AxisTables {
   std::vector<int64_t> src;    // src[dst]
   std::vector<int64_t> begin;  // dst in [begin[s], begin[s+1]) read source s
+  GatherKind kind = GatherKind::kGeneral;
 };
 
 AxisTables axis_tables(const NearestAxis& axis, bool with_adjoint) {
-  AxisTables t{source_table(axis), {}};
+  AxisTables t{source_table(axis), {}, GatherKind::kGeneral};
+  bool identity = true, twice = true;
+  for (int64_t d = 0; d < axis.out_size; ++d) {
+    identity = identity && t.src[d] == d;
+    twice = twice && t.src[d] == (d >> 1);
+  }
+  t.kind = identity ? GatherKind::kIdentity : twice ? GatherKind::kDouble : GatherKind::kGeneral;
   if (with_adjoint) t.begin = destination_begin_table(axis);
   return t;
+}
+
+// up[x] = bias + row[src[x]] for x in [x0, x1), in accumulation precision.
+template <typename scalar_t, typename acc_type>
+void gather_row(const scalar_t* __restrict__ row, const int64_t* __restrict__ src,
+                GatherKind kind, acc_type bias, int64_t x0, int64_t x1,
+                acc_type* __restrict__ up) {
+  switch (kind) {
+    case GatherKind::kIdentity:
+      for (int64_t x = x0; x < x1; ++x) up[x] = bias + static_cast<acc_type>(row[x]);
+      break;
+    case GatherKind::kDouble: {
+      int64_t x = x0;
+      if (x & 1) {
+        up[x] = bias + static_cast<acc_type>(row[x >> 1]);
+        ++x;
+      }
+      for (; x + 1 < x1; x += 2) {
+        const acc_type v = bias + static_cast<acc_type>(row[x >> 1]);
+        up[x] = v;
+        up[x + 1] = v;
+      }
+      if (x < x1) up[x] = bias + static_cast<acc_type>(row[x >> 1]);
+      break;
+    }
+    case GatherKind::kGeneral:
+      for (int64_t x = x0; x < x1; ++x) up[x] = bias + static_cast<acc_type>(row[src[x]]);
+      break;
+  }
 }
 
 struct Shape {
@@ -96,102 +141,135 @@ Shape shape_of(const at::Tensor& lateral, const at::Tensor& weight, int64_t top_
                lateral.size(3), top_h, top_w};
 }
 
-// Pixel tiles [p0, p0 + np) of every image, numbered n * tiles + t.
+// Pixel tiles of every image, numbered n * per_image + t. A tile is a contiguous pixel range
+// [start, start + length): whole output rows when a row is shorter than `target`, else one
+// segment of a row, so the epilogue walks few row segments. The partition depends on the
+// shape only (never on the thread count).
 struct Tiles {
-  int64_t pixels, size, per_image;
-  Tiles(int64_t pixels, int64_t size)
-      : pixels(pixels), size(size), per_image((pixels + size - 1) / size) {}
+  int64_t h, w, rows_per_tile, segments_per_row, segment, per_image;
+  Tiles(int64_t h, int64_t w, int64_t target)
+      : h(h),
+        w(w),
+        rows_per_tile(w >= target ? 1 : target / w),
+        segments_per_row(w >= target ? (w + target - 1) / target : 1),
+        segment((w + segments_per_row - 1) / segments_per_row),
+        per_image(((h + rows_per_tile - 1) / rows_per_tile) * segments_per_row) {}
   int64_t image(int64_t task) const { return task / per_image; }
-  int64_t start(int64_t task) const { return (task % per_image) * size; }
-  int64_t length(int64_t task) const { return std::min(size, pixels - start(task)); }
+  int64_t start(int64_t task) const {
+    const int64_t t = task % per_image;
+    return (t / segments_per_row) * rows_per_tile * w + (t % segments_per_row) * segment;
+  }
+  int64_t length(int64_t task) const {
+    const int64_t t = task % per_image;
+    if (segments_per_row > 1) return std::min(segment, w - (t % segments_per_row) * segment);
+    return std::min(rows_per_tile, h - (t / segments_per_row) * rows_per_tile) * w;
+  }
 };
 
 // --------------------------------------------------------------------------- forward
 
-// acc (C_out, P) row-major with row stride ldacc -> out tile, adding bias and the gathered top.
+// A fresh output of ~100 MB is first touched by the kernel itself: with 4 KiB pages that is
+// tens of thousands of page faults (measured here: ~30 ms of a ~125 ms P2 forward). Asking for
+// transparent huge pages on this one untouched buffer (where the kernel allows it, e.g. THP
+// "madvise" mode) makes the first touch ~500x fewer faults. Advisory only: on failure, or on
+// other systems, nothing changes.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// The forward writes bias + gathered top into the output tile first (the "prologue"), then
+// the GEMM accumulates onto it (beta = 1): the tile is touched by one streaming pass and the
+// GEMM's own store, instead of a GEMM store plus a read-modify-write epilogue pass.
+
+// c[o, p] = bias[o] + top[n, o, src_row(y), src_col(x)] for the tile's pixels p = y * W + x;
+// c's row o starts at c + o * ldc and is indexed from the tile start p0.
 template <typename scalar_t>
-void epilogue_nchw(const Shape& s, int64_t n, int64_t p0, int64_t np,
-                   const acc_t<scalar_t>* acc, int64_t ldacc, const scalar_t* bias,
-                   const scalar_t* top, scalar_t* out, const AxisTables& rows,
-                   const AxisTables& cols) {
+void prologue_nchw(const Shape& s, int64_t n, int64_t p0, int64_t np, acc_t<scalar_t>* c,
+                   int64_t ldc, const scalar_t* bias, const scalar_t* top,
+                   const AxisTables& rows, const AxisTables& cols) {
   using acc_type = acc_t<scalar_t>;
-  const int64_t hw = s.pixels();
-  const int64_t* src_col = cols.src.data();
   for (int64_t o = 0; o < s.c_out; ++o) {
     const acc_type b = bias ? static_cast<acc_type>(bias[o]) : acc_type(0);
     const scalar_t* top_plane = top + (n * s.c_out + o) * s.top_pixels();
-    const acc_type* acc_row = acc + o * ldacc - p0;  // indexed by the image pixel p
-    scalar_t* out_row = out + (n * s.c_out + o) * hw;
-    // Walk the tile [p0, p0 + np) one output-row segment at a time.
+    acc_type* c_row = c + o * ldc - p0;  // indexed by the image pixel p
+    // Walk the tile [p0, p0 + np) one output-row segment [x0, x1) at a time; a full row that
+    // reads the same source row as the full row before it is a copy of that row.
     for (int64_t p = p0; p < p0 + np;) {
       const int64_t y = p / s.w, x0 = p - y * s.w;
       const int64_t x1 = std::min(s.w, x0 + (p0 + np - p));
-      const scalar_t* top_row = top_plane + rows.src[y] * s.top_w;
-      const acc_type* a = acc_row + p - x0;
-      scalar_t* dst = out_row + p - x0;
-      for (int64_t x = x0; x < x1; ++x) {
-        dst[x] = static_cast<scalar_t>(a[x] + b + static_cast<acc_type>(top_row[src_col[x]]));
+      acc_type* dst = c_row + y * s.w;
+      if (x0 == 0 && x1 == s.w && p - s.w >= p0 && rows.src[y] == rows.src[y - 1]) {
+        std::copy(dst - s.w, dst, dst);
+      } else {
+        gather_row(top_plane + rows.src[y] * s.top_w, cols.src.data(), cols.kind, b, x0, x1,
+                   dst);
       }
       p += x1 - x0;
     }
   }
 }
 
-// acc (P, C_out) row-major -> out tile (channels_last): the top pixel is a contiguous C_out row.
+// c[p, o] = bias[o] + top[n, src_row(y), src_col(x), o] (channels_last: contiguous C_out rows).
 template <typename scalar_t>
-void epilogue_channels_last(const Shape& s, int64_t n, int64_t p0, int64_t np,
-                            const acc_t<scalar_t>* acc, const scalar_t* bias, const scalar_t* top,
-                            scalar_t* out, const AxisTables& rows, const AxisTables& cols) {
+void prologue_channels_last(const Shape& s, int64_t n, int64_t p0, int64_t np,
+                            acc_t<scalar_t>* c, const scalar_t* bias, const scalar_t* top,
+                            const AxisTables& rows, const AxisTables& cols) {
   using acc_type = acc_t<scalar_t>;
   for (int64_t p = p0; p < p0 + np; ++p) {
     const int64_t y = p / s.w, x = p - y * s.w;
-    const scalar_t* top_pixel =
+    const scalar_t* __restrict__ top_pixel =
         top + ((n * s.top_h + rows.src[y]) * s.top_w + cols.src[x]) * s.c_out;
-    const acc_type* a = acc + (p - p0) * s.c_out;
-    scalar_t* dst = out + (n * s.pixels() + p) * s.c_out;
+    acc_type* __restrict__ dst = c + (p - p0) * s.c_out;
     if (bias) {
       for (int64_t o = 0; o < s.c_out; ++o)
-        dst[o] = static_cast<scalar_t>(a[o] + static_cast<acc_type>(bias[o]) +
-                                       static_cast<acc_type>(top_pixel[o]));
+        dst[o] = static_cast<acc_type>(bias[o]) + static_cast<acc_type>(top_pixel[o]);
     } else {
-      for (int64_t o = 0; o < s.c_out; ++o)
-        dst[o] = static_cast<scalar_t>(a[o] + static_cast<acc_type>(top_pixel[o]));
+      for (int64_t o = 0; o < s.c_out; ++o) dst[o] = static_cast<acc_type>(top_pixel[o]);
     }
   }
 }
 
 template <typename scalar_t>
 void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& weight,
-                    const scalar_t* bias, const scalar_t* top, scalar_t* out, bool channels_last,
-                    const AxisTables& rows, const AxisTables& cols) {
+                    const scalar_t* bias, const scalar_t* top, at::Tensor& out,
+                    bool channels_last, const AxisTables& rows, const AxisTables& cols) {
   using acc = acc_t<scalar_t>;
   const int64_t hw = s.pixels();
-  const Tiles tiles(hw, kTilePixels);
+  const Tiles tiles(s.h, s.w, kTilePixels);
   const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, s.n * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
+      // The output tile, and where the fp32 sum is built (the tile itself for float/double).
+      at::Tensor out_tile, c;
       if (!channels_last) {
-        // out_tile (C_out, P) = weight (C_out, C_in) @ lateral_tile (C_in, P).
-        const at::Tensor lat = as_acc(view2d(lateral + n * s.c_in * hw + p0, s.c_in, np, hw, 1));
-        scalar_t* out_tile = out + n * s.c_out * hw + p0;
-        at::Tensor c = kAccumulatesInPlace<scalar_t>
-                           ? view2d(out_tile, s.c_out, np, hw, 1)
-                           : at::empty({s.c_out, np}, weight_acc.options());
-        matmul(c, weight_acc, lat, false);
-        epilogue_nchw<scalar_t>(s, n, p0, np, c.const_data_ptr<acc>(), c.stride(0), bias, top,
-                                out, rows, cols);
+        // out_tile (C_out, P) += weight (C_out, C_in) @ lateral_tile (C_in, P).
+        out_tile = view2d(out_data + n * s.c_out * hw + p0, s.c_out, np, hw, 1);
+        c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({s.c_out, np}, weight_acc.options());
+        prologue_nchw<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), c.stride(0), bias, top,
+                                rows, cols);
+        matmul(c, weight_acc, as_acc(view2d(lateral + n * s.c_in * hw + p0, s.c_in, np, hw, 1)),
+               /*accumulate=*/true);
       } else {
-        // out_tile (P, C_out) = lateral_tile (P, C_in) @ weight^T (C_in, C_out).
+        // out_tile (P, C_out) += lateral_tile (P, C_in) @ weight^T (C_in, C_out).
         const int64_t pixel = n * hw + p0;
-        const at::Tensor lat = as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1));
-        at::Tensor c = kAccumulatesInPlace<scalar_t>
-                           ? view2d(out + pixel * s.c_out, np, s.c_out, s.c_out, 1)
-                           : at::empty({np, s.c_out}, weight_acc.options());
-        matmul(c, lat, weight_acc.t(), false);
-        epilogue_channels_last<scalar_t>(s, n, p0, np, c.const_data_ptr<acc>(), bias, top, out,
-                                         rows, cols);
+        out_tile = view2d(out_data + pixel * s.c_out, np, s.c_out, s.c_out, 1);
+        c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({np, s.c_out}, weight_acc.options());
+        prologue_channels_last<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), bias, top, rows,
+                                         cols);
+        matmul(c, as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1)),
+               weight_acc.t(), /*accumulate=*/true);
       }
+      if (!kAccumulatesInPlace<scalar_t>) out_tile.copy_(c);  // the one rounding
     }
   });
 }
@@ -209,12 +287,12 @@ at::Tensor fused_forward_cpu(const at::Tensor& lateral, const at::Tensor& weight
   at::Tensor out = at::empty({s.n, s.c_out, s.h, s.w},
                              lateral.options().memory_format(memory_format(channels_last)));
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lateral.scalar_type(),
                                   "fused_forward_cpu", [&] {
     forward_kernel<scalar_t>(s, lateral.const_data_ptr<scalar_t>(), weight,
                              bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
-                             top.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                             channels_last, rows, cols);
+                             top.const_data_ptr<scalar_t>(), out, channels_last, rows, cols);
   });
   return out;
 }
@@ -225,7 +303,7 @@ template <typename scalar_t>
 void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Tensor& weight,
                          at::Tensor& grad_lateral, bool channels_last) {
   const int64_t hw = s.pixels();
-  const Tiles tiles(hw, kTilePixels);
+  const Tiles tiles(s.h, s.w, kTilePixels);
   const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
   scalar_t* grad_lat = grad_lateral.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, s.n * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
@@ -260,7 +338,7 @@ void grad_weight_bias_kernel(const Shape& s, const scalar_t* grad_out, const sca
                              at::Tensor& weight_acc, double* grad_bias, bool channels_last) {
   using acc = acc_t<scalar_t>;
   const int64_t hw = s.pixels();
-  const Tiles chunks(hw, kChunkPixels);
+  const Tiles chunks(s.h, s.w, kChunkPixels);
   const int64_t row_blocks = (s.c_out + kRowBlock - 1) / kRowBlock;
   for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
     const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
@@ -363,7 +441,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   const auto opts = lateral.options();
   const auto none = at::empty({0}, opts);
   at::Tensor grad_lateral = none, grad_weight = none, grad_bias = none, grad_top = none;
-  if (needs[0]) grad_lateral = at::empty(lateral.sizes(), opts.memory_format(fmt));
+  if (needs[0]) {
+    grad_lateral = at::empty(lateral.sizes(), opts.memory_format(fmt));
+    advise_huge_pages(grad_lateral);
+  }
   if (needs[3]) grad_top = at::empty({s.n, s.c_out, s.top_h, s.top_w}, opts.memory_format(fmt));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lateral.scalar_type(),
