@@ -12,7 +12,15 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch derives CUDA_HOME from `which nvcc` when it is unset; a wrapper script such as
+# /usr/local/bin/nvcc then yields /usr/local, which has no lib64/libcudart. Prefer the toolkit.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists(
+    "/usr/local/cuda/bin/nvcc"
+):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden"]
