@@ -36,7 +36,8 @@ def _want_cuda() -> bool:
         return False
     import torch
 
-    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    home = cpp_extension.CUDA_HOME
+    nvcc = home and os.path.exists(os.path.join(home, "bin", "nvcc"))
     have = torch.version.cuda is not None and bool(nvcc or shutil.which("nvcc"))
     if flag in ("1", "true", "yes", "on") and not have:
         raise RuntimeError(

@@ -4,15 +4,16 @@
 // The public op torch.ops.fpn_kernels.upsample_add_conv1x1 is defined in Python
 // (fpn_kernels/ops.py, a torch.library custom op with fake kernel and autograd); it calls these
 // kernels with normalized inputs: lateral and top contiguous in one memory format
-// (`channels_last`), weight (C_out, C_in) contiguous, bias (C_out,) or None.
+// (`channels_last`), weight (C_out, C_in) contiguous, bias (C_out,) or None; `index_kernel`
+// names the ATen index computation to reproduce (csrc/common/nearest_index.h).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fpn_kernels, m) {
   m.def(
       "fused_forward(Tensor lateral, Tensor weight, Tensor? bias, Tensor top, str mode, "
-      "float[]? scale_factor, bool channels_last) -> Tensor");
+      "float[]? scale_factor, bool channels_last, str index_kernel) -> Tensor");
   m.def(
       "fused_backward(Tensor grad_out, Tensor lateral, Tensor weight, int[] top_hw, str mode, "
-      "float[]? scale_factor, bool channels_last, bool[4] needs) -> "
+      "float[]? scale_factor, bool channels_last, str index_kernel, bool[4] needs) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,14 +1,33 @@
 """fpn_kernels: the FPN top-down merge (1x1 conv + nearest upsample + add) in one pass."""
 
+from typing import Any
+
 from .backends import BackendUnavailableError, available_backends, backend_report
 from .ops import upsample_add_conv1x1
 from .reference import upsample_add_conv1x1_reference
 
 __all__ = [
     "BackendUnavailableError",
+    "FusedFPN",
     "available_backends",
     "backend_report",
+    "convert",
+    "models",
     "upsample_add_conv1x1",
     "upsample_add_conv1x1_reference",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The modules build on torchvision's FPN: imported on first use, so the op itself does not
+    # pay for (or need) torchvision.
+    if name in ("FusedFPN", "convert"):
+        from . import modules
+
+        return getattr(modules, name)
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,14 +11,15 @@ def unavailable_reason() -> str | None:
     return _cpp.load("_C")
 
 
-def forward(lateral, weight, bias, top, mode, scale_factor, channels_last):
+def forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel):
     return torch.ops.fpn_kernels.fused_forward(
-        lateral, weight, bias, top, mode, scale_factor, channels_last
+        lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel
     )
 
 
-def backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, needs):
+def backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, index_kernel,
+             needs):
     grads = torch.ops.fpn_kernels.fused_backward(
-        grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, needs
+        grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, index_kernel, needs
     )
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return tuple(g if need else None for g, need in zip(grads, needs, strict=True))

@@ -3,13 +3,16 @@
 A backend is a module-like object with two functions over *normalized* inputs (the op in
 ``ops.py`` normalizes before calling; backends never see anything else):
 
-``forward(lateral, weight, bias, top, mode, scale_factor, channels_last) -> out``
+``forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel) -> out``
     ``lateral`` (N, C_in, H, W), ``top`` (N, C_out, h, w), both contiguous in the same memory
     format (channels_last iff ``channels_last``); ``weight`` (C_out, C_in) contiguous;
     ``bias`` (C_out,) or None; ``mode`` "nearest" | "nearest-exact"; ``scale_factor`` None or
-    ``[scale_h, scale_w]``. Returns ``out`` (N, C_out, H, W) in ``lateral``'s memory format.
+    ``[scale_h, scale_w]``; ``index_kernel``: which ATen index computation to reproduce
+    (``indexing.aten_index_kernel`` of the caller's ``top``). Returns ``out``
+    (N, C_out, H, W) in ``lateral``'s memory format.
 
-``backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, needs)``
+``backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, index_kernel,
+needs)``
     ``grad_out`` like ``out``; ``needs`` = 4 bools for (lateral, weight, bias, top). Returns
     ``(grad_lateral, grad_weight (C_out, C_in), grad_bias, grad_top)``, None where not needed.
     Deterministic: the same bits on every run and for any thread count.
@@ -125,7 +128,9 @@ BACKENDS: dict[str, Backend] = {
             dtypes=(torch.float16, torch.bfloat16, torch.float32),
         ),
         Backend("cpu", "fpn_kernels._cpu_backend", devices=("cpu",), dtypes=FLOAT_DTYPES),
-        Backend("eager", "fpn_kernels._eager_backend", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES),
+        Backend(
+            "eager", "fpn_kernels._eager_backend", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES
+        ),
     )
 }
 
@@ -175,6 +180,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
 _announced = False
 
 
+@torch.compiler.assume_constant_result
 def announce_missing_once() -> None:
     """Say once, plainly, when the compiled extension is missing (the rest is expected)."""
     global _announced

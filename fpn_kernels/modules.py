@@ -179,7 +179,8 @@ class FusedFPN(FeaturePyramidNetwork):
             results.insert(0, self.layer_blocks[idx](last_inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
-        return OrderedDict(zip(names, results))
+        # zip() truncates a mismatched extra block's output exactly as torchvision's does.
+        return OrderedDict(zip(names, results, strict=False))
 
 
 # --------------------------------------------------------------------------- convert
@@ -198,7 +199,9 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         return FusedFPN.from_torchvision(model, backend)
     converted: dict[int, FusedFPN] = {}  # one replacement per FPN, even where it is shared
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): that skips a module's second name, which must be
+        # swapped as well.
+        for name, child in list(parent._modules.items()):
             if type(child) is FeaturePyramidNetwork:
                 if id(child) not in converted:
                     converted[id(child)] = FusedFPN.from_torchvision(child, backend)

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .indexing import MODES
+from .indexing import MODES, aten_index_kernel
+from .reference import upsample_add_conv1x1_reference
 
 # --------------------------------------------------------------------------- validation
 
@@ -40,29 +41,37 @@ def _check_tensor(name: str, t: object) -> Tensor:
 def _normalize_scale_factor(
     scale_factor: object, top_hw: Sequence[int], out_hw: Sequence[int]
 ) -> list[float] | None:
+    import numbers  # numpy scalars and ints count, like F.interpolate; bool does not
+
     if scale_factor is None:
         return None
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float, Sequence)):
+
+    def is_real(s: object) -> bool:
+        return isinstance(s, numbers.Real) and not isinstance(s, bool)
+
+    if is_real(scale_factor):
+        pair = [scale_factor, scale_factor]
+    elif (
+        isinstance(scale_factor, Sequence)
+        and not isinstance(scale_factor, str)
+        and all(is_real(s) for s in scale_factor)
+    ):
+        pair = list(scale_factor)
+    else:
         raise TypeError(
             "scale_factor: expected None, a float or a pair of floats, "
-            f"got {type(scale_factor).__name__}"
+            f"got {scale_factor!r} ({type(scale_factor).__name__})"
         )
-    pair = (
-        [scale_factor, scale_factor]
-        if isinstance(scale_factor, (int, float))
-        else list(scale_factor)
-    )
-    if len(pair) != 2 or not all(
-        isinstance(s, (int, float)) and not isinstance(s, bool) for s in pair
-    ):
-        raise TypeError(
-            f"scale_factor: expected None, a float or a pair of floats, got {scale_factor!r}"
+    if len(pair) != 2:
+        raise ValueError(
+            f"scale_factor: expected one value or a pair (scale_h, scale_w), got {len(pair)} "
+            f"values {scale_factor!r}"
         )
     pair = [float(s) for s in pair]
     if not all(math.isfinite(s) and s > 0 for s in pair):
         raise ValueError(f"scale_factor: expected finite values > 0, got {scale_factor!r}")
     # F.interpolate's output size for a scale factor: floor(in * scale) (in float64).
-    got = [math.floor(float(i) * s) for i, s in zip(top_hw, pair)]
+    got = [math.floor(float(i) * s) for i, s in zip(top_hw, pair, strict=True)]
     if got != list(out_hw):
         raise ValueError(
             f"scale_factor: {scale_factor!r} upsamples top's {tuple(top_hw)} to {tuple(got)}, "
@@ -75,7 +84,11 @@ def validate(
     lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor, mode: str,
     scale_factor: object,
 ) -> tuple[Tensor, list[float] | None]:
-    """Check every argument; return the 2-D weight and the normalized ``[sh, sw]`` or None."""
+    """Check every argument; return the 2-D weight and the normalized ``[sh, sw]`` or None.
+
+    Accepts exactly what eager accepts (and raises ``TypeError``/``ValueError`` naming the
+    argument, what was expected and what came, where eager would fail somewhere inside).
+    """
     lateral = _check_tensor("lateral", lateral)
     weight = _check_tensor("weight", weight)
     top = _check_tensor("top", top)
@@ -95,7 +108,8 @@ def validate(
         weight2d = weight
     else:
         raise ValueError(
-            f"weight: expected a (C_out, C_in, 1, 1) or (C_out, C_in) tensor, got a {_shape(weight)}"
+            "weight: expected a (C_out, C_in, 1, 1) or (C_out, C_in) tensor, "
+            f"got a {_shape(weight)}"
         )
     for name, t in (("lateral", lateral), ("weight", weight), ("top", top), ("bias", bias)):
         if t is not None and t.dtype not in backends.FLOAT_DTYPES:
@@ -103,14 +117,32 @@ def validate(
                 f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
                 f"got {t.dtype}"
             )
+    # Under torch.autocast eager's conv2d casts lateral, weight and bias to the autocast dtype
+    # (all but float64, which autocast leaves alone) and the add promotes with top's dtype, so
+    # dtypes may differ exactly as far as eager accepts them.
+    device_type = lateral.device.type
+    autocast_dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        else None
+    )
+
+    def conv_dtype(t: Tensor) -> torch.dtype:
+        return t.dtype if autocast_dtype is None or t.dtype == torch.float64 else autocast_dtype
+
     for name, t in (("weight", weight), ("top", top), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != lateral.dtype:
-            raise TypeError(f"{name}: expected dtype {lateral.dtype} (lateral's), got {t.dtype}")
         if t.device != lateral.device:
             raise ValueError(
                 f"{name}: expected a tensor on {lateral.device} (lateral's device), got {t.device}"
+            )
+        if autocast_dtype is None and t.dtype != lateral.dtype:
+            raise TypeError(f"{name}: expected dtype {lateral.dtype} (lateral's), got {t.dtype}")
+        if name != "top" and conv_dtype(t) != conv_dtype(lateral):
+            raise TypeError(
+                f"{name}: expected a dtype that {autocast_dtype} autocast casts to "
+                f"{conv_dtype(lateral)} like lateral's {lateral.dtype}, got {t.dtype}"
             )
     c_out, c_in = weight2d.shape
     if lateral.shape[1] != c_in:
@@ -129,10 +161,19 @@ def validate(
         )
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias: expected shape ({c_out},), got {tuple(bias.shape)}")
+    # Empty sizes: eager returns an empty output for N = 0 only. It raises for C_in = 0 (conv2d
+    # returns 0 channels, then the add fails), C_out = 0 (conv2d), H or W = 0 (conv2d) and
+    # h or w = 0 (interpolate), so we raise too, before any kernel runs.
+    if c_in == 0:
+        raise ValueError(f"lateral: expected C_in >= 1 channels, got a {_shape(lateral)}")
+    if c_out == 0:
+        raise ValueError(f"weight: expected C_out >= 1 output channels, got a {_shape(weight)}")
     out_hw, top_hw = tuple(lateral.shape[2:]), tuple(top.shape[2:])
-    if min(out_hw) > 0 and min(top_hw) == 0:
+    if min(out_hw) == 0:
+        raise ValueError(f"lateral: expected H, W >= 1, got a {_shape(lateral)}")
+    if min(top_hw) == 0:
         raise ValueError(
-            f"top: cannot upsample an empty {top_hw} map to lateral's {out_hw} (eager raises too)"
+            f"top: expected h, w >= 1 (to upsample to lateral's {out_hw}), got a {_shape(top)}"
         )
     return weight2d, _normalize_scale_factor(scale_factor, top_hw, out_hw)
 
@@ -168,6 +209,8 @@ def _normalize(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor
     )
 
 
+# Constant for a traced graph: torch.compile must not trace into the registry (imports, caches).
+@torch.compiler.assume_constant_result
 def _resolve(backend: str, t: Tensor) -> str:
     return backends.select_backend(backend, t.device, t.dtype)
 
@@ -186,9 +229,14 @@ def _upsample_add_conv1x1(
     backend: str = "auto",
 ) -> Tensor:
     name = _resolve(backend, lateral)
+    if name == "eager":  # the spec itself, on the caller's tensors as they are
+        return upsample_add_conv1x1_reference(lateral, weight, bias, top, mode, scale_factor)
+    # Which ATen index computation eager would run depends on the caller's `top` (its layout
+    # and channels) and the output size, so it is decided before the layout is normalized.
+    index_kernel = aten_index_kernel(top, lateral.shape[2:])
     lateral, weight2d, bias, top, channels_last = _normalize(lateral, weight, bias, top)
     return backends.BACKENDS[name].impl.forward(
-        lateral, weight2d, bias, top, mode, scale_factor, channels_last
+        lateral, weight2d, bias, top, mode, scale_factor, channels_last, index_kernel
     )
 
 
@@ -208,6 +256,7 @@ def _upsample_add_conv1x1_backward(
     mode: str,
     scale_factor: list[float] | None,
     backend: str,
+    index_kernel: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     name = _resolve(backend, lateral)
@@ -222,21 +271,24 @@ def _upsample_add_conv1x1_backward(
         mode,
         scale_factor,
         channels_last,
+        index_kernel,
         list(needs),
     )
-    # A custom op returns tensors only: an empty tensor stands for "not needed".
-    empty = grad_out.new_empty((0,))
-    return tuple(g if g is not None else empty for g in grads)  # type: ignore[return-value]
+    # A custom op returns tensors only: an empty tensor stands for "not needed" (a fresh one
+    # each, since a custom op's outputs may not alias each other).
+    return tuple(  # type: ignore[return-value]
+        g if g is not None else grad_out.new_empty((0,)) for g in grads
+    )
 
 
 @_upsample_add_conv1x1_backward.register_fake
-def _(grad_out, lateral, weight, top_hw, mode, scale_factor, backend, needs):
+def _(grad_out, lateral, weight, top_hw, mode, scale_factor, backend, index_kernel, needs):
     n, c_in, _, _ = lateral.shape
     c_out = weight.shape[0]
     fmt = _memory_format(is_channels_last(lateral))
     shapes = [(n, c_in, *lateral.shape[2:]), (c_out, c_in), (c_out,), (n, c_out, *top_hw)]
     out = []
-    for i, (need, shape) in enumerate(zip(needs, shapes)):
+    for i, (need, shape) in enumerate(zip(needs, shapes, strict=True)):
         if not need:
             out.append(grad_out.new_empty((0,)))
         elif i in (0, 3):
@@ -252,6 +304,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.top_hw = list(top.shape[2:])
     ctx.mode, ctx.scale_factor, ctx.backend = mode, scale_factor, backend
+    # The backward is the exact adjoint of the forward's index mapping, so it keeps the
+    # forward's choice of ATen index computation.
+    ctx.index_kernel = aten_index_kernel(top, lateral.shape[2:])
 
 
 def _backward(ctx, grad_out):
@@ -261,7 +316,8 @@ def _backward(ctx, grad_out):
     if not any(needs):
         return None, None, None, None, None, None, None
     g_lat, g_w, g_b, g_top = _upsample_add_conv1x1_backward(
-        grad_out, lateral, weight, ctx.top_hw, ctx.mode, ctx.scale_factor, ctx.backend, needs
+        grad_out, lateral, weight, ctx.top_hw, ctx.mode, ctx.scale_factor, ctx.backend,
+        ctx.index_kernel, needs,
     )
     return (
         g_lat if needs[0] else None,
@@ -323,7 +379,9 @@ def upsample_add_conv1x1(
     lateral, weight, bias, top = _autocast(lateral, weight, bias, top)
     name = _resolve(backend, lateral)
     backends.announce_missing_once()
-    if lateral.numel() == 0 or top.numel() == 0 or weight.numel() == 0:
-        # Degenerate sizes (N, C or H*W zero): eager's answer, which every backend shares.
-        name = "eager"
+    if lateral.shape[0] == 0:
+        # N = 0, the one empty size validate() lets through (as eager does): eager's own empty
+        # output, and its autograd for the (zero or empty) gradients, so no backend's forward
+        # or backward ever runs on nothing.
+        return upsample_add_conv1x1_reference(lateral, weight, bias, top, mode, sf)
     return _upsample_add_conv1x1(lateral, weight, bias, top, mode, sf, name)

@@ -44,21 +44,63 @@ def upsample_add_conv1x1_reference_backward(
     top_hw: Sequence[int],
     mode: str = "nearest",
     scale_factor: Sequence[float] | None = None,
+    vectorized_upsample: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The reference's gradients with the eager ops autograd itself runs (no autograd needed,
-    so it also works inside a custom op): (grad_lateral, grad_weight (C_out, C_in), grad_bias,
-    grad_top)."""
+    """The reference's gradients with eager ops (no autograd, so it also works inside a custom
+    op): (grad_lateral, grad_weight (C_out, C_in), grad_bias, grad_top).
+    ``vectorized_upsample``: see :func:`source_pixel_map`."""
     c_out, c_in = weight.shape[0], weight.shape[1]
     w = weight.reshape(c_out, c_in)
     grad_lateral = F.conv2d(grad_out, w.t().reshape(c_in, c_out, 1, 1))
     grad_weight = torch.einsum("nohw,nchw->oc", grad_out, lateral)
     grad_bias = grad_out.sum(dim=(0, 2, 3))
-    sh, sw = (None, None) if scale_factor is None else (float(s) for s in scale_factor)
-    upsample_backward = (
-        torch.ops.aten.upsample_nearest2d_backward
-        if mode == "nearest"
-        else torch.ops.aten._upsample_nearest_exact2d_backward
-    )
-    top_size = [grad_out.shape[0], c_out, *top_hw]
-    grad_top = upsample_backward(grad_out, list(grad_out.shape[2:]), top_size, sh, sw)
+    src = source_pixel_map(top_hw, grad_out.shape[2:], mode, scale_factor, vectorized_upsample,
+                           grad_out.dtype, grad_out.device)
+    grad_top = upsample_adjoint(grad_out, top_hw, src)
     return grad_lateral, grad_weight, grad_bias, grad_top
+
+
+def takes_vectorized_upsample(top: Tensor) -> bool:
+    """Whether ``F.interpolate(top)`` on CPU takes ATen's vectorized channels-last kernel for
+    any output size (channels_last with more than 3 channels); else that depends on the size."""
+    return top.is_contiguous(memory_format=torch.channels_last) and top.shape[1] > 3
+
+
+def source_pixel_map(
+    top_hw: Sequence[int],
+    out_hw: Sequence[int],
+    mode: str,
+    scale_factor: Sequence[float] | None,
+    vectorized_upsample: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """For every output pixel, the flat index of the top pixel eager's ``F.interpolate`` reads,
+    probed through ``F.interpolate`` itself with a tensor that takes the same ATen kernel as the
+    real ``top``: channels_last with 4 channels when ``vectorized_upsample``
+    (:func:`takes_vectorized_upsample`), else 1 NCHW channel (then the output size decides,
+    as it does for ``top``); float64 math for float64 tensors, float32 otherwise."""
+    h, w = top_hw
+    channels = 4 if vectorized_upsample else 1
+    probe_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # exact integers
+    probe = torch.arange(h * w, dtype=probe_dtype, device=device).reshape(1, 1, h, w)
+    probe = probe.expand(1, channels, h, w).contiguous(
+        memory_format=torch.channels_last if vectorized_upsample else torch.contiguous_format
+    )
+    if scale_factor is None:
+        mapped = F.interpolate(probe, size=tuple(out_hw), mode=mode)
+    else:
+        mapped = F.interpolate(probe, scale_factor=tuple(scale_factor), mode=mode)
+    return mapped[0, 0].reshape(-1).long()
+
+
+def upsample_adjoint(grad_out: Tensor, top_hw: Sequence[int], src: Tensor) -> Tensor:
+    """grad_top: the exact adjoint of the forward gather ``src`` (:func:`source_pixel_map`):
+    each top pixel sums the output pixels that read it. Eager's own upsample backward is not
+    always that adjoint (its CUDA backward uses another formula; its CPU backward always uses the
+    vectorized kernel's indices), so the spec derives it from the forward mapping."""
+    n, c = grad_out.shape[:2]
+    acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    grad_top = torch.zeros(n, c, top_hw[0] * top_hw[1], dtype=acc_dtype, device=grad_out.device)
+    grad_top.index_add_(2, src, grad_out.reshape(n, c, -1).to(acc_dtype))
+    return grad_top.reshape(n, c, *top_hw).to(grad_out.dtype)

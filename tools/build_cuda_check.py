@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if not kernels:
                 print(f"{name} sm_{arch}: ptxas reported no kernels\n{log}")
                 failed = True
-            for k, pretty in zip(kernels, demangle([k.name for k in kernels])):
+            for k, pretty in zip(kernels, demangle([k.name for k in kernels]), strict=True):
                 spills = k.spill_stores + k.spill_loads
                 failed |= spills > 0
                 print(

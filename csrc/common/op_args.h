@@ -26,11 +26,21 @@ inline bool parse_mode(std::string_view mode) {
   return mode == "nearest-exact";
 }
 
+inline IndexKernel parse_index_kernel(std::string_view name) {
+  if (name == "cpu_channels_last") return IndexKernel::kCpuChannelsLast;
+  if (name == "cpu_generic") return IndexKernel::kCpuGeneric;
+  TORCH_CHECK(name == "cuda", "index_kernel: expected 'cpu_channels_last', 'cpu_generic' or ",
+              "'cuda', got '", name, "'");
+  return IndexKernel::kCuda;
+}
+
+// `float64_tensors`: the op's dtype is float64 (ATen's generic CPU kernel then uses double).
 inline UpsampleGeometry make_geometry(int64_t top_h, int64_t top_w, int64_t out_h, int64_t out_w,
                                       std::string_view mode,
                                       std::optional<at::ArrayRef<double>> scale_factor,
-                                      bool size_shortcuts) {
+                                      std::string_view index_kernel, bool float64_tensors) {
   const bool exact = parse_mode(mode);
+  const IndexKernel kernel = parse_index_kernel(index_kernel);
   double sh = -1.0, sw = -1.0;  // <= 0: derive the scale from the sizes, like ATen
   if (scale_factor.has_value()) {
     TORCH_CHECK(scale_factor->size() == 2, "scale_factor: expected [scale_h, scale_w], got ",
@@ -38,8 +48,8 @@ inline UpsampleGeometry make_geometry(int64_t top_h, int64_t top_w, int64_t out_
     sh = (*scale_factor)[0];
     sw = (*scale_factor)[1];
   }
-  return UpsampleGeometry{NearestAxis::make(top_h, out_h, sh, exact, size_shortcuts),
-                          NearestAxis::make(top_w, out_w, sw, exact, size_shortcuts)};
+  return UpsampleGeometry{NearestAxis::make(top_h, out_h, sh, exact, kernel, float64_tensors),
+                          NearestAxis::make(top_w, out_w, sw, exact, kernel, float64_tensors)};
 }
 
 // src[dst] for every destination of one axis.
@@ -86,6 +96,26 @@ inline void check_forward_args(const at::Tensor& lateral, const at::Tensor& weig
                 "bias: expected a contiguous (", weight.size(0), ",) tensor of dtype ",
                 lateral.scalar_type());
   }
+}
+
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& lateral,
+                                const at::Tensor& weight, at::IntArrayRef top_hw,
+                                bool channels_last) {
+  TORCH_CHECK(top_hw.size() == 2, "top_hw: expected [h, w], got ", top_hw);
+  TORCH_CHECK(lateral.dim() == 4 && weight.dim() == 2 && weight.size(1) == lateral.size(1),
+              "lateral, weight: expected (N, C_in, H, W) and (C_out, C_in), got ",
+              lateral.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == lateral.size(0) &&
+                  grad_out.size(1) == weight.size(0) && grad_out.size(2) == lateral.size(2) &&
+                  grad_out.size(3) == lateral.size(3),
+              "grad_out: expected shape (", lateral.size(0), ", ", weight.size(0), ", ",
+              lateral.size(2), ", ", lateral.size(3), "), got ", grad_out.sizes());
+  const auto fmt = memory_format(channels_last);
+  TORCH_CHECK(grad_out.is_contiguous(fmt) && lateral.is_contiguous(fmt) && weight.is_contiguous(),
+              "grad_out, lateral: expected contiguous in one memory format, weight contiguous");
+  TORCH_CHECK(grad_out.scalar_type() == lateral.scalar_type() &&
+                  weight.scalar_type() == lateral.scalar_type(),
+              "grad_out, weight: expected dtype ", lateral.scalar_type());
 }
 
 }  // namespace fpn_kernels

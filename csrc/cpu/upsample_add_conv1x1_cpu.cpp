@@ -277,12 +277,14 @@ void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& w
 at::Tensor fused_forward_cpu(const at::Tensor& lateral, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& top,
                              c10::string_view mode, std::optional<at::ArrayRef<double>> scale_factor,
-                             bool channels_last) {
+                             bool channels_last, c10::string_view index_kernel) {
   check_forward_args(lateral, weight, bias, top, channels_last);
   const Shape s = shape_of(lateral, weight, top.size(2), top.size(3));
   const UpsampleGeometry g = make_geometry(s.top_h, s.top_w, s.h, s.w,
                                            std::string_view(mode.data(), mode.size()),
-                                           scale_factor, /*size_shortcuts=*/true);
+                                           scale_factor,
+                                           std::string_view(index_kernel.data(), index_kernel.size()),
+                                           lateral.scalar_type() == at::kDouble);
   const AxisTables rows = axis_tables(g.rows, false), cols = axis_tables(g.cols, false);
   at::Tensor out = at::empty({s.n, s.c_out, s.h, s.w},
                              lateral.options().memory_format(memory_format(channels_last)));
@@ -419,25 +421,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& lateral, const at::Tensor& weight,
     at::IntArrayRef top_hw, c10::string_view mode,
     std::optional<at::ArrayRef<double>> scale_factor, bool channels_last,
-    std::array<bool, 4> needs) {
-  TORCH_CHECK(top_hw.size() == 2, "top_hw: expected [h, w], got ", top_hw);
-  TORCH_CHECK(lateral.dim() == 4 && weight.dim() == 2 && weight.size(1) == lateral.size(1),
-              "lateral, weight: expected (N, C_in, H, W) and (C_out, C_in), got ",
-              lateral.sizes(), " and ", weight.sizes());
+    c10::string_view index_kernel, std::array<bool, 4> needs) {
+  check_backward_args(grad_out, lateral, weight, top_hw, channels_last);
   const Shape s = shape_of(lateral, weight, top_hw[0], top_hw[1]);
   const auto fmt = memory_format(channels_last);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.n && grad_out.size(1) == s.c_out &&
-                  grad_out.size(2) == s.h && grad_out.size(3) == s.w,
-              "grad_out: expected shape (", s.n, ", ", s.c_out, ", ", s.h, ", ", s.w, "), got ",
-              grad_out.sizes());
-  TORCH_CHECK(grad_out.is_contiguous(fmt) && lateral.is_contiguous(fmt) && weight.is_contiguous(),
-              "grad_out, lateral: expected contiguous in one memory format, weight contiguous");
-  TORCH_CHECK(grad_out.scalar_type() == lateral.scalar_type() &&
-                  weight.scalar_type() == lateral.scalar_type(),
-              "grad_out, weight: expected dtype ", lateral.scalar_type());
   const UpsampleGeometry g = make_geometry(s.top_h, s.top_w, s.h, s.w,
                                            std::string_view(mode.data(), mode.size()),
-                                           scale_factor, /*size_shortcuts=*/true);
+                                           scale_factor,
+                                           std::string_view(index_kernel.data(), index_kernel.size()),
+                                           lateral.scalar_type() == at::kDouble);
   const auto opts = lateral.options();
   const auto none = at::empty({0}, opts);
   at::Tensor grad_lateral = none, grad_weight = none, grad_bias = none, grad_top = none;

@@ -225,7 +225,7 @@ struct GemmShape {
 };
 
 template <typename T, typename OutT>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, 2)
     gemm_kernel(MatrixView<const T> a, MatrixView<const T> b, MatrixView<OutT> c, GemmShape shape,
                 UpsampleAdd<T> epilogue, float* a_row_sums) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -370,8 +370,9 @@ template <typename T, typename OutT>
 void launch_gemm(MatrixView<const T> a, MatrixView<const T> b, MatrixView<OutT> c,
                  const GemmShape& shape, const UpsampleAdd<T>& epilogue, float* a_row_sums) {
   if (shape.tiles() == 0) return;
-  gemm_kernel<T, OutT><<<grid_size(shape.tiles()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a, b, c, shape, epilogue, a_row_sums);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  gemm_kernel<T, OutT><<<grid_size(shape.tiles()), kThreads, 0, stream>>>(a, b, c, shape, epilogue,
+                                                                         a_row_sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -406,7 +407,7 @@ at::Tensor fused_forward_cuda(const at::Tensor& lateral, const at::Tensor& weigh
                               const std::optional<at::Tensor>& bias, const at::Tensor& top,
                               c10::string_view mode,
                               std::optional<at::ArrayRef<double>> scale_factor,
-                              bool channels_last) {
+                              bool channels_last, c10::string_view index_kernel) {
   check_forward_args(lateral, weight, bias, top, channels_last);
   check_cuda_tensors({&lateral, &weight, &top});
   if (bias.has_value()) check_cuda_tensors({&lateral, &*bias});
@@ -416,7 +417,8 @@ at::Tensor fused_forward_cuda(const at::Tensor& lateral, const at::Tensor& weigh
   const UpsampleGeometry geometry =
       make_geometry(top.size(2), top.size(3), lateral.size(2), lateral.size(3),
                     std::string_view(mode.data(), mode.size()), scale_factor,
-                    /*size_shortcuts=*/false);  // ATen's CUDA kernel has no short-cuts
+                    std::string_view(index_kernel.data(), index_kernel.size()),
+                    /*float64_tensors=*/false);
   at::Tensor out = at::empty({batch, c_out, lateral.size(2), lateral.size(3)},
                              lateral.options().memory_format(memory_format(channels_last)));
   if (out.numel() == 0) return out;
@@ -445,29 +447,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& lateral, const at::Tensor& weight,
     at::IntArrayRef top_hw, c10::string_view mode,
     std::optional<at::ArrayRef<double>> scale_factor, bool channels_last,
-    std::array<bool, 4> needs) {
-  TORCH_CHECK(top_hw.size() == 2, "top_hw: expected [h, w], got ", top_hw);
-  TORCH_CHECK(lateral.dim() == 4 && weight.dim() == 2 && weight.size(1) == lateral.size(1),
-              "lateral, weight: expected (N, C_in, H, W) and (C_out, C_in), got ",
-              lateral.sizes(), " and ", weight.sizes());
+    c10::string_view index_kernel, std::array<bool, 4> needs) {
+  check_backward_args(grad_out, lateral, weight, top_hw, channels_last);
   const int64_t batch = lateral.size(0), c_in = lateral.size(1), c_out = weight.size(0);
   const int64_t pixels = lateral.size(2) * lateral.size(3);
   const auto fmt = memory_format(channels_last);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == batch && grad_out.size(1) == c_out &&
-                  grad_out.size(2) == lateral.size(2) && grad_out.size(3) == lateral.size(3),
-              "grad_out: expected shape (", batch, ", ", c_out, ", ", lateral.size(2), ", ",
-              lateral.size(3), "), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.is_contiguous(fmt) && lateral.is_contiguous(fmt) && weight.is_contiguous(),
-              "grad_out, lateral: expected contiguous in one memory format, weight contiguous");
-  TORCH_CHECK(grad_out.scalar_type() == lateral.scalar_type() &&
-                  weight.scalar_type() == lateral.scalar_type(),
-              "grad_out, weight: expected dtype ", lateral.scalar_type());
   check_cuda_tensors({&lateral, &weight, &grad_out});
   const c10::cuda::CUDAGuard device_guard(lateral.device());
   const UpsampleGeometry geometry =
       make_geometry(top_hw[0], top_hw[1], lateral.size(2), lateral.size(3),
                     std::string_view(mode.data(), mode.size()), scale_factor,
-                    /*size_shortcuts=*/false);
+                    std::string_view(index_kernel.data(), index_kernel.size()),
+                    /*float64_tensors=*/false);
   const auto opts = lateral.options();
   at::Tensor grad_lateral = at::empty({0}, opts), grad_weight = at::empty({0}, opts);
   at::Tensor grad_bias = at::empty({0}, opts), grad_top = at::empty({0}, opts);

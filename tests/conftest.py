@@ -1,0 +1,61 @@
+"""Shared test helpers: input factory and per-dtype tolerances (eager PyTorch is the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpn_kernels
+
+# (atol, rtol) per dtype, for unit-scale data (weights scaled by 1/sqrt(C_in)). fp32 GEMMs in
+# different orders differ by ~1e-6; half/bfloat16 by a few ulps of their 10/7-bit mantissas.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (6e-2, 2e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0, msg: str = "") -> None:
+    """Per-dtype comparison; `scale` widens atol for sums of many terms (gradients)."""
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} != {expected.shape}"
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=msg or None)
+
+
+def make_inputs(n=2, c_in=5, c_out=7, out_hw=(10, 19), top_hw=(5, 10), *, dtype=torch.float32,
+                channels_last=False, bias=True, requires_grad=False, seed=0, device="cpu"):
+    """lateral (N, C_in, H, W), weight (C_out, C_in, 1, 1), bias (C_out,) or None, top."""
+    g = torch.Generator().manual_seed(seed)
+    lateral = torch.randn(n, c_in, *out_hw, generator=g)
+    weight = torch.randn(c_out, c_in, 1, 1, generator=g) / max(c_in, 1) ** 0.5
+    b = torch.randn(c_out, generator=g) if bias else None
+    top = torch.randn(n, c_out, *top_hw, generator=g)
+    tensors = [t.to(device=device, dtype=dtype) if t is not None else None
+               for t in (lateral, weight, b, top)]
+    if channels_last:
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+        tensors[3] = tensors[3].contiguous(memory_format=torch.channels_last)
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return tuple(tensors)
+
+
+def fused_backends(device: str = "cpu") -> list[str]:
+    """Available non-reference backends that run on `device` (plus eager, to test the op path)."""
+    names = []
+    for name in fpn_kernels.available_backends():
+        b = fpn_kernels.backends.BACKENDS[name]
+        if device in b.supported_devices(auto=False):
+            names.append(name)
+    return names
+
+
+@pytest.fixture(params=fused_backends("cpu"))
+def cpu_backend(request) -> str:
+    return request.param
