@@ -17,7 +17,10 @@ _errors: dict[str, str] = {}
 def load(name: str) -> str | None:
     """Load ``fpn_kernels.<name>``; None on success, else the reason it is missing."""
     if name not in _errors:
-        spec = importlib.util.find_spec(f"fpn_kernels.{name}")
+        try:
+            spec = importlib.util.find_spec(f"fpn_kernels.{name}")
+        except ImportError:
+            spec = None
         if spec is None or spec.origin is None:
             _errors[name] = (
                 f"fpn_kernels.{name} was not built (pip install --no-build-isolation -e .)"
