@@ -23,6 +23,7 @@ SHAPES = [
     (2, 8, 6, (4, 4), (9, 9)),
     (1, 4, 5, (13, 1), (6, 1)),
     (2, 16, 16, (64, 66), (32, 33)),  # out_h + out_w > 128: ATen's generic upsample kernel
+    (1, 3, 4, (3, 1100), (2, 550)),  # rows longer than a CPU tile: tiles are row segments
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
