@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -75,6 +76,19 @@ inline void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool
   } else {
     at::mm_out(c, a, b);
   }
+}
+
+// Runs fn(task) for task in [0, tasks) on the intra-op threads, handing tasks out one at a
+// time: a thread that is slowed down (a busy machine) takes fewer tiles instead of making the
+// others wait, as at::parallel_for's static split would. Every task's result depends on the
+// task alone, so the bits do not depend on which thread ran it.
+template <typename Fn>
+void parallel_tasks(int64_t tasks, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < tasks; task = next++) fn(task);
+  });
 }
 
 // Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.
@@ -246,31 +260,29 @@ void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& w
   const Tiles tiles(s.h, s.w, kTilePixels);
   const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, s.n * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
-      // The output tile, and where the fp32 sum is built (the tile itself for float/double).
-      at::Tensor out_tile, c;
-      if (!channels_last) {
-        // out_tile (C_out, P) += weight (C_out, C_in) @ lateral_tile (C_in, P).
-        out_tile = view2d(out_data + n * s.c_out * hw + p0, s.c_out, np, hw, 1);
-        c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({s.c_out, np}, weight_acc.options());
-        prologue_nchw<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), c.stride(0), bias, top,
-                                rows, cols);
-        matmul(c, weight_acc, as_acc(view2d(lateral + n * s.c_in * hw + p0, s.c_in, np, hw, 1)),
-               /*accumulate=*/true);
-      } else {
-        // out_tile (P, C_out) += lateral_tile (P, C_in) @ weight^T (C_in, C_out).
-        const int64_t pixel = n * hw + p0;
-        out_tile = view2d(out_data + pixel * s.c_out, np, s.c_out, s.c_out, 1);
-        c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({np, s.c_out}, weight_acc.options());
-        prologue_channels_last<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), bias, top, rows,
-                                         cols);
-        matmul(c, as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1)),
-               weight_acc.t(), /*accumulate=*/true);
-      }
-      if (!kAccumulatesInPlace<scalar_t>) out_tile.copy_(c);  // the one rounding
+  parallel_tasks(s.n * tiles.per_image, [&](int64_t task) {
+    const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
+    // The output tile, and where the fp32 sum is built (the tile itself for float/double).
+    at::Tensor out_tile, c;
+    if (!channels_last) {
+      // out_tile (C_out, P) += weight (C_out, C_in) @ lateral_tile (C_in, P).
+      out_tile = view2d(out_data + n * s.c_out * hw + p0, s.c_out, np, hw, 1);
+      c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({s.c_out, np}, weight_acc.options());
+      prologue_nchw<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), c.stride(0), bias, top,
+                              rows, cols);
+      matmul(c, weight_acc, as_acc(view2d(lateral + n * s.c_in * hw + p0, s.c_in, np, hw, 1)),
+             /*accumulate=*/true);
+    } else {
+      // out_tile (P, C_out) += lateral_tile (P, C_in) @ weight^T (C_in, C_out).
+      const int64_t pixel = n * hw + p0;
+      out_tile = view2d(out_data + pixel * s.c_out, np, s.c_out, s.c_out, 1);
+      c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({np, s.c_out}, weight_acc.options());
+      prologue_channels_last<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), bias, top, rows,
+                                       cols);
+      matmul(c, as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1)),
+             weight_acc.t(), /*accumulate=*/true);
     }
+    if (!kAccumulatesInPlace<scalar_t>) out_tile.copy_(c);  // the one rounding
   });
 }
 
@@ -308,26 +320,24 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
   const Tiles tiles(s.h, s.w, kTilePixels);
   const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
   scalar_t* grad_lat = grad_lateral.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, s.n * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
-      at::Tensor dst;
-      if (!channels_last) {
-        // grad_lat_tile (C_in, P) = weight^T (C_in, C_out) @ grad_tile (C_out, P).
-        const at::Tensor grad = as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
-        dst = view2d(grad_lat + n * s.c_in * hw + p0, s.c_in, np, hw, 1);
-        at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({s.c_in, np}, grad.options());
-        matmul(c, weight_acc.t(), grad, false);
-        if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
-      } else {
-        // grad_lat_tile (P, C_in) = grad_tile (P, C_out) @ weight (C_out, C_in).
-        const int64_t pixel = n * hw + p0;
-        const at::Tensor grad = as_acc(view2d(grad_out + pixel * s.c_out, np, s.c_out, s.c_out, 1));
-        dst = view2d(grad_lat + pixel * s.c_in, np, s.c_in, s.c_in, 1);
-        at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({np, s.c_in}, grad.options());
-        matmul(c, grad, weight_acc, false);
-        if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
-      }
+  parallel_tasks(s.n * tiles.per_image, [&](int64_t task) {
+    const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
+    at::Tensor dst;
+    if (!channels_last) {
+      // grad_lat_tile (C_in, P) = weight^T (C_in, C_out) @ grad_tile (C_out, P).
+      const at::Tensor grad = as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
+      dst = view2d(grad_lat + n * s.c_in * hw + p0, s.c_in, np, hw, 1);
+      at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({s.c_in, np}, grad.options());
+      matmul(c, weight_acc.t(), grad, false);
+      if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
+    } else {
+      // grad_lat_tile (P, C_in) = grad_tile (P, C_out) @ weight (C_out, C_in).
+      const int64_t pixel = n * hw + p0;
+      const at::Tensor grad = as_acc(view2d(grad_out + pixel * s.c_out, np, s.c_out, s.c_out, 1));
+      dst = view2d(grad_lat + pixel * s.c_in, np, s.c_in, s.c_in, 1);
+      at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({np, s.c_in}, grad.options());
+      matmul(c, grad, weight_acc, false);
+      if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
     }
   });
 }
@@ -349,23 +359,21 @@ void grad_weight_bias_kernel(const Shape& s, const scalar_t* grad_out, const sca
         channels_last
             ? as_acc(view2d(lateral + (n * hw + p0) * s.c_in, np, s.c_in, s.c_in, 1))
             : as_acc(view2d(lateral + n * s.c_in * hw + p0, np, s.c_in, 1, hw));
-    at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t o0 = block * kRowBlock, rows = std::min(kRowBlock, s.c_out - o0);
-        const at::Tensor grad =
-            channels_last
-                ? as_acc(view2d(grad_out + (n * hw + p0) * s.c_out + o0, rows, np, 1, s.c_out))
-                : as_acc(view2d(grad_out + (n * s.c_out + o0) * hw + p0, rows, np, hw, 1));
-        at::Tensor gw = weight_acc.narrow(0, o0, rows);
-        matmul(gw, grad, lat_t, /*accumulate=*/chunk > 0);
-        if (grad_bias) {
-          // Ordered sum of each row over the chunk, in acc precision, then into double.
-          const acc* g = grad.const_data_ptr<acc>();
-          for (int64_t o = 0; o < rows; ++o) {
-            acc sum = 0;
-            for (int64_t p = 0; p < np; ++p) sum += g[o * grad.stride(0) + p * grad.stride(1)];
-            grad_bias[o0 + o] += sum;
-          }
+    parallel_tasks(row_blocks, [&](int64_t block) {
+      const int64_t o0 = block * kRowBlock, rows = std::min(kRowBlock, s.c_out - o0);
+      const at::Tensor grad =
+          channels_last
+              ? as_acc(view2d(grad_out + (n * hw + p0) * s.c_out + o0, rows, np, 1, s.c_out))
+              : as_acc(view2d(grad_out + (n * s.c_out + o0) * hw + p0, rows, np, hw, 1));
+      at::Tensor gw = weight_acc.narrow(0, o0, rows);
+      matmul(gw, grad, lat_t, /*accumulate=*/chunk > 0);
+      if (grad_bias) {
+        // Ordered sum of each row over the chunk, in acc precision, then into double.
+        const acc* g = grad.const_data_ptr<acc>();
+        for (int64_t o = 0; o < rows; ++o) {
+          acc sum = 0;
+          for (int64_t p = 0; p < np; ++p) sum += g[o * grad.stride(0) + p * grad.stride(1)];
+          grad_bias[o0 + o] += sum;
         }
       }
     });

@@ -1,0 +1,211 @@
+"""Render `bench` results: a rich table on the terminal, markdown for the README, a bar plot.
+
+``python -m fpn_kernels.cli.report results.json > results.md`` renders a saved ``--json`` file.
+Every renderer reads the same JSON-ready dict (``bench.run`` builds it), and every table uses
+the one column list below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from itertools import groupby
+from pathlib import Path
+
+NOISE_MARK = "~"
+TOTAL = "total"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _median(row: dict) -> str:
+    return _ms(row["median_ms"]) + (NOISE_MARK if row.get("noisy") else "")
+
+
+def _spread(row: dict) -> str:
+    if row.get("p20_ms") is None:
+        return "–"
+    return f"{_ms(row['p20_ms'])}–{_ms(row['p80_ms'])}"
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}%"
+
+
+def _error(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1e}"
+
+
+# (header, cell, right-aligned)
+COLUMNS: list[tuple[str, Callable[[dict], str], bool]] = [
+    ("level", lambda r: r["level"], False),
+    ("impl", lambda r: r["impl"], False),
+    ("median ms", _median, True),
+    ("p20–p80 ms", _spread, True),
+    ("vs eager", lambda r: _times(r.get("speedup_vs_eager")), True),
+    ("vs compile", lambda r: _times(r.get("speedup_vs_compile")), True),
+    ("GB/s", lambda r: _number(r.get("gbps")), True),
+    ("GFLOP/s", lambda r: _number(r.get("gflops")), True),
+    ("% peak", lambda r: _percent(r.get("pct_gemm_peak")), True),
+    ("% roof", lambda r: _percent(r.get("pct_roofline")), True),
+    ("max abs err", lambda r: _error(r.get("max_abs_err")), True),
+]
+
+FOOTNOTES = [
+    f"{NOISE_MARK} noisy: the p20–p80 spread is over 10% of the median.",
+    "vs eager / vs compile: median time of eager (or torch.compile) / this row's; total rows "
+    "compare the sums over the levels.",
+    "GB/s from a bytes model (DESIGN.md: fused bytes for fused backends, eager bytes for "
+    "eager, compile and op-eager); GFLOP/s counts the 1x1 conv GEMMs only.",
+    "% peak: GFLOP/s over the measured GEMM peak (above 100% when the peak's torch.mm ran "
+    "slower than this row's GEMM). % roof: the roofline time, max(GEMM FLOPs / GEMM peak, "
+    "model bytes / copy GB/s), over the median.",
+    "max abs err: vs eager on the same inputs (output; for fwd+bwd, output and all gradients).",
+]
+
+
+def footnotes(result: dict) -> list[str]:
+    notes = list(FOOTNOTES)
+    if any(row["section"] == "neck" for row in result["rows"]):
+        notes.append("neck: the whole ResNet-50-FPN neck end to end (fpn_kernels.cli.neck_bench);"
+                     " there vs eager = vs torchvision's FPN, vs compile = vs its torch.compile.")
+    return notes + [f"warning: {w}" for w in result.get("warnings", [])]
+
+
+def group_key(row: dict) -> tuple[str, str, str]:
+    return row["dtype"], row["layout"], row["direction"]
+
+
+def group_title(key: tuple[str, str, str]) -> str:
+    dtype, layout, direction = key
+    return f"{dtype}, {layout}, {direction}"
+
+
+def grouped(rows: Iterable[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]:
+    """Rows by (dtype, layout, direction), in the order they were measured."""
+    return [(key, list(group)) for key, group in groupby(rows, key=group_key)]
+
+
+def machine_line(result: dict) -> str:
+    m, peaks = result["machine"], result["peaks"]
+    where = m.get("gpu") or f"{m['cpu_model']}, {m['cpu_cores']} cores"
+    gemm = ", ".join(f"{dtype} {value:.0f}" for dtype, value in peaks["gemm_gflops"].items())
+    versions = f"torch {m['torch']}" + (f", triton {m['triton']}" if m.get("triton") else "")
+    return (f"{where} ({m['torch_threads']} threads), {versions}. Measured peaks: GEMM "
+            f"{gemm} GFLOP/s; stream {peaks['stream_gbps']:.1f} GB/s.")
+
+
+def print_rich(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a pipe or a file: no 80-column wrap of the table
+            console = Console(width=160)
+    console.print(machine_line(result))
+    console.print(levels_line(result))
+    for key, rows in grouped(result["rows"]):
+        table = Table(title=group_title(key), title_justify="left")
+        for header, _, right in COLUMNS:
+            table.add_column(header, justify="right" if right else "left", no_wrap=True)
+        for index, row in enumerate(rows):
+            new_level = index + 1 < len(rows) and rows[index + 1]["level"] != row["level"]
+            table.add_row(*(cell(row) for _, cell, _ in COLUMNS), end_section=new_level)
+        console.print(table)
+    for note in footnotes(result):
+        console.print(note, style="dim")
+    for reason in result.get("skipped", []):
+        console.print(f"skipped: {reason}")
+
+
+def levels_line(result: dict) -> str:
+    levels = "; ".join(
+        f"{lv['name']} N={lv['n']} {lv['c_in']}x{lv['out_hw'][0]}x{lv['out_hw'][1]} <- "
+        f"{lv['c_out']}x{lv['top_hw'][0]}x{lv['top_hw'][1]}" for lv in result["config"]["levels"])
+    preset = result["config"]["preset"]
+    return f"Levels ({preset or 'custom'}; lateral C_in x H x W <- top C_out x h x w): {levels}."
+
+
+def markdown(result: dict) -> str:
+    lines = [machine_line(result), "", levels_line(result), ""]
+    for key, rows in grouped(result["rows"]):
+        lines += [f"**{group_title(key)}**", ""]
+        lines.append("| " + " | ".join(header for header, _, _ in COLUMNS) + " |")
+        lines.append("|" + "|".join("---:" if right else "---" for _, _, right in COLUMNS) + "|")
+        for row in rows:
+            lines.append("| " + " | ".join(cell(row) for _, cell, _ in COLUMNS) + " |")
+        lines.append("")
+    lines += [f"- {note}" for note in footnotes(result)]
+    lines += [f"- skipped: {reason}" for reason in result.get("skipped", [])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Speedup over eager per level (and the total), one bar per implementation, one panel per
+    (dtype, layout, direction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []  # the levels of each group, then its end-to-end neck in a panel of its own
+    for key, rows in grouped(result["rows"]):
+        for section, title in (("level", ""), ("neck", ", end-to-end neck")):
+            mine = [r for r in rows if r["section"] == section and r["impl"] != r["baseline"]]
+            if mine:
+                panels.append((group_title(key) + title, mine, mine[0]["baseline"]))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    every_impl = list(dict.fromkeys(r["impl"] for _, rows, _ in panels for r in rows))
+    color = {impl: palette[i % len(palette)] for i, impl in enumerate(every_impl)}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), squeeze=False)
+    for ax, (title, rows, baseline) in zip(axes[:, 0], panels, strict=True):
+        levels = list(dict.fromkeys(r["level"] for r in rows))
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            mine = [r for r in rows if r["impl"] == impl]
+            xs = [levels.index(r["level"]) + (i - (len(impls) - 1) / 2) * width for r in mine]
+            bars = ax.bar(xs, [r["speedup_vs_eager"] for r in mine], width, label=impl,
+                          color=color[impl])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(levels)), levels)
+        ax.set_ylabel(f"speedup over {baseline}")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, ncols=min(4, len(impls)))
+    fig.suptitle(machine_line(result), fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fpn_kernels.cli.report",
+                                     description="Render a `bench --json` file as markdown.")
+    parser.add_argument("json_file")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the speedup bars")
+    args = parser.parse_args(argv)
+    result = json.loads(Path(args.json_file).read_text())
+    sys.stdout.write(markdown(result))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

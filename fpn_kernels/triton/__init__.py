@@ -1,0 +1,41 @@
+"""The "triton" backend: Triton kernels for CUDA tensors (and, under ``TRITON_INTERPRET=1``, for
+CPU tensors, as a correctness tool).
+
+Importing this package does not import triton: ``unavailable_reason()`` says plainly why the
+backend cannot run, and ``roofline`` (the bytes model) works without triton. The kernels live in
+``kernels.py`` (with their configs), the launches in ``launch.py``, the ahead-of-time compile
+checks in ``aot.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken install is as unavailable as a missing one
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)"
+    return None
+
+
+def forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel):
+    from .launch import forward
+
+    return forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel)
+
+
+def backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, index_kernel,
+             needs):
+    from .launch import backward
+
+    return backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last,
+                    index_kernel, needs)

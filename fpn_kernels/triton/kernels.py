@@ -1,0 +1,380 @@
+"""Triton kernels of the FPN merge, each with its curated configs beside it.
+
+Layouts. An image of ``C`` channels and ``P = H * W`` pixels is a (C, P) row-major matrix in
+NCHW and a (P, C) row-major matrix in channels_last; ``_offsets`` turns (channel, pixel) index
+tiles into element offsets for either, with the stride-1 axis a literal 1 so the compiler sees
+which axis is contiguous and vectorizes along it.
+
+Kernels (all accumulate in fp32; all are deterministic: every output element is summed by one
+program in a fixed order, no atomics):
+
+* ``upsample_add_conv1x1_kernel``: ``out = weight @ lateral (+ bias) (+ top[nearest])``. The
+  forward, and with ``weight^T`` and no epilogue also grad_lateral.
+* ``conv1x1_weight_grad_kernel``: per fixed pixel chunk ``s``, ``weight_partial[s] =
+  grad_out @ lateral^T`` and ``bias_partial[s] = rowsum(grad_out)``.
+* ``ordered_sum_kernel``: ``out = partial[0] + partial[1] + ...`` in that order.
+* ``nearest_upsample_grad_kernel``: grad_top, each top pixel sums its destination rectangle.
+
+Configs: ``*_CONFIGS[element_size]`` lists the GPU configs per operand element size (2: fp16 and
+bf16, 4: fp32), ordered from the largest tile to the smallest; ``*_INTERPRET_CONFIG`` is the one
+config used under ``TRITON_INTERPRET=1`` (small tiles, so one test shape crosses several tiles in
+every dimension and the masks are exercised).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+@triton.jit
+def _offsets(channel, pixel, C, P, CHANNELS_LAST: tl.constexpr):
+    """Element offset of (channel, pixel) inside one image of C channels and P pixels."""
+    if CHANNELS_LAST:
+        offset = pixel * C + channel * 1
+    else:
+        offset = channel * P + pixel * 1
+    return offset
+
+
+@triton.jit
+def _pixel_stride(C, CHANNELS_LAST: tl.constexpr):
+    """Elements between neighbouring pixels of one channel."""
+    if CHANNELS_LAST:
+        stride = C
+    else:
+        stride = 1
+    return stride
+
+
+@triton.jit
+def _to_tile(channel, pixel, CHANNELS_LAST: tl.constexpr):
+    """Broadcast 1-D channel and pixel vectors to the 2-D output tile, whose contiguous axis is
+    the memory's: (channels, pixels) for NCHW, (pixels, channels) for channels_last."""
+    if CHANNELS_LAST:
+        channel_2d = channel[None, :]
+        pixel_2d = pixel[:, None]
+    else:
+        channel_2d = channel[:, None]
+        pixel_2d = pixel[None, :]
+    return channel_2d, pixel_2d
+
+
+@triton.jit
+def _zeros_tile(BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """An fp32 accumulator shaped like the tiles of ``_to_tile``."""
+    if CHANNELS_LAST:
+        tile = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    else:
+        tile = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    return tile
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b: tensor-core MMA for 16-bit tiles and for fp32 with DOT_PRECISION "tf32",
+    FMA for "ieee". DOT_IN_FP32 upcasts the tiles first, for the interpreter only: its dot
+    multiplies bfloat16 bit patterns as integers (triton 3.8), fp32 tiles it gets right."""
+    if DOT_IN_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# --------------------------------------------------------------------------- forward
+
+# (BLOCK_CO, BLOCK_P, BLOCK_K, warps, stages). C_out is 256 in every FPN, so 128-row channel
+# tiles make two programs per pixel tile; both are launched next to each other, so the lateral
+# tile comes from HBM once and from L2 the second time. fp32 takes BLOCK_K = 16 and 8 warps:
+# with BLOCK_K = 32 (or 4 warps with int64 offsets) the IEEE (FMA) dot spills registers on
+# sm_80; TF32 loses nothing by it, as the kernel is bound by memory. Every config here is
+# compiled for sm_80 and sm_90 by tests/test_triton_aot.py (no spills, tensor cores, shared
+# memory within the limit).
+UPSAMPLE_ADD_CONV1X1_CONFIGS = {
+    2: [
+        triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ],
+    4: [
+        triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+    ],
+}
+UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG = triton.Config(
+    {"BLOCK_CO": 16, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1
+)
+
+
+@triton.jit
+def upsample_add_conv1x1_kernel(
+    lateral_ptr, weight_ptr, bias_ptr, top_ptr, src_row_ptr, src_col_ptr, out_ptr,
+    C_in, C_out, P, W, h, w,
+    HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
+    PIXEL_ALIGN: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n] (C_out, P) = weight (C_out, C_in) @ lateral[n] (C_in, P) + bias[:, None]
+    + top[n] (C_out, h*w)[:, src_row[y] * w + src_col[x]], with pixel p = y * W + x, P = H * W.
+
+    Grid: (cdiv(C_out, BLOCK_CO) * cdiv(P, BLOCK_P), N). NCHW computes the tile as
+    weight @ lateral (C_out x pixels), channels_last as lateral @ weight^T (pixels x C_out), so
+    both operands are read along their contiguous axis. PIXEL_ALIGN: a power of two dividing P
+    (at most 16), so NCHW rows are known to be aligned and load as vectors.
+    """
+    # --- which tile: channel tiles of one pixel tile are neighbours (they share lateral)
+    pid = tl.program_id(0)
+    image = tl.program_id(1).to(tl.int64)
+    num_co_tiles = tl.cdiv(C_out, BLOCK_CO)
+    co_tile = pid % num_co_tiles
+    p_tile = pid // num_co_tiles
+    P = (P // PIXEL_ALIGN) * PIXEL_ALIGN  # = P; says P % PIXEL_ALIGN == 0 to the compiler
+    offs_co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64_INDEX:  # one image holds 2^31 elements or more
+        offs_co = offs_co.to(tl.int64)
+        offs_p = offs_p.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        P = P.to(tl.int64)
+    co_in = offs_co < C_out
+    p_in = offs_p < P
+    lateral_ptr += image * C_in * P
+    out_ptr += image * C_out * P
+
+    # --- main loop over C_in: fp32 accumulator, operand tiles in the input dtype
+    weight_ptrs = weight_ptr + offs_co[:, None] * C_in + offs_k[None, :]  # [BLOCK_CO, BLOCK_K]
+    channel_k, pixel_k = _to_tile(offs_k, offs_p, CHANNELS_LAST)
+    lateral_ptrs = lateral_ptr + _offsets(channel_k, pixel_k, C_in, P, CHANNELS_LAST)
+    lateral_k_step = BLOCK_K * P
+    if CHANNELS_LAST:
+        lateral_k_step = BLOCK_K
+    acc = _zeros_tile(BLOCK_CO, BLOCK_P, CHANNELS_LAST)
+    for k in range(0, C_in, BLOCK_K):
+        weight_tile = tl.load(weight_ptrs, mask=co_in[:, None] & (offs_k[None, :] < C_in - k),
+                              other=0.0)
+        lateral_tile = tl.load(lateral_ptrs, mask=(channel_k < C_in - k) & (pixel_k < P),
+                               other=0.0)
+        if CHANNELS_LAST:  # [BLOCK_P, BLOCK_K] @ [BLOCK_K, BLOCK_CO]
+            acc = _mma(lateral_tile, tl.trans(weight_tile), acc, DOT_PRECISION, DOT_IN_FP32)
+        else:  # [BLOCK_CO, BLOCK_K] @ [BLOCK_K, BLOCK_P]
+            acc = _mma(weight_tile, lateral_tile, acc, DOT_PRECISION, DOT_IN_FP32)
+        weight_ptrs += BLOCK_K
+        lateral_ptrs += lateral_k_step
+
+    # --- epilogue in registers: + bias + top[nearest source], one rounding, one store
+    channel, pixel = _to_tile(offs_co, offs_p, CHANNELS_LAST)
+    co_in_2d, p_in_2d = _to_tile(co_in, p_in, CHANNELS_LAST)
+    mask = co_in_2d & p_in_2d
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_co, mask=co_in, other=0.0).to(tl.float32)
+        bias_2d, _ = _to_tile(bias, offs_p, CHANNELS_LAST)
+        acc += bias_2d
+    if HAS_TOP:
+        # The source pixel of every destination pixel, from the host's index tables: the
+        # nearest index math lives once, in fpn_kernels.indexing.
+        src_row = tl.load(src_row_ptr + offs_p // W, mask=p_in, other=0)
+        src_col = tl.load(src_col_ptr + offs_p % W, mask=p_in, other=0)
+        src_pixel = src_row * w + src_col  # int32 tables: widen before scaling by C_out
+        if INT64_INDEX:
+            src_pixel = src_pixel.to(tl.int64)
+        _, src_pixel = _to_tile(offs_co, src_pixel, CHANNELS_LAST)
+        top_ptr += image * C_out * h * w
+        top_tile = tl.load(top_ptr + _offsets(channel, src_pixel, C_out, h * w, CHANNELS_LAST),
+                           mask=mask, other=0.0)
+        acc += top_tile.to(tl.float32)
+    out_ptrs = out_ptr + _offsets(channel, pixel, C_out, P, CHANNELS_LAST)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- grad_weight, grad_bias
+
+# (BLOCK_CO, BLOCK_CI, BLOCK_K = pixels per step, warps, stages), BLOCK_K = 16 for fp32 as
+# above. The pixel chunk per program is chosen on the host from the shape alone (launch.py),
+# never from timing.
+CONV1X1_WEIGHT_GRAD_CONFIGS = {
+    2: [
+        triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ],
+    4: [
+        triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+    ],
+}
+CONV1X1_WEIGHT_GRAD_INTERPRET_CONFIG = triton.Config(
+    {"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1
+)
+
+
+@triton.jit
+def conv1x1_weight_grad_kernel(
+    grad_out_ptr, lateral_ptr, weight_partial_ptr, bias_partial_ptr,
+    C_in, C_out, P, chunk_pixels, chunks_per_image,
+    HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
+    PIXEL_ALIGN: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """weight_partial[s] (C_out, C_in) = grad_out[n] (C_out, chunk) @ lateral[n]^T (chunk, C_in)
+    and bias_partial[s] (C_out,) = grad_out[n] (C_out, chunk) summed over the chunk, where split
+    s = n * chunks_per_image + c covers pixels [c * chunk_pixels, (c + 1) * chunk_pixels).
+
+    Grid: (cdiv(C_out, BLOCK_CO) * cdiv(C_in, BLOCK_CI), N * chunks_per_image), all fp32 out.
+    PIXEL_ALIGN as in ``upsample_add_conv1x1_kernel``; chunk_pixels is a multiple of BLOCK_K.
+    The split is fixed by the shape, so ``ordered_sum_kernel`` over s gives the same bits on
+    every run. bias_partial is written by the programs of the first C_in tile.
+    """
+    # --- which tile, which pixel chunk
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_co_tiles = tl.cdiv(C_out, BLOCK_CO)
+    co_tile = pid % num_co_tiles
+    ci_tile = pid // num_co_tiles
+    # Exact rewrites (the host guarantees both divisions) that tell the compiler the alignment:
+    # tl.multiple_of on a kernel argument is lost.
+    P = (P // PIXEL_ALIGN) * PIXEL_ALIGN
+    chunk_pixels = (chunk_pixels // BLOCK_K) * BLOCK_K
+    image = (split // chunks_per_image).to(tl.int64)
+    p_begin = (split % chunks_per_image) * chunk_pixels
+    p_end = tl.minimum(p_begin + chunk_pixels, P)
+    offs_co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_ci = ci_tile * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64_INDEX:
+        offs_co = offs_co.to(tl.int64)
+        offs_ci = offs_ci.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        P = P.to(tl.int64)
+    co_in = offs_co < C_out
+    ci_in = offs_ci < C_in
+    grad_out_ptr += image * C_out * P
+    lateral_ptr += image * C_in * P
+
+    # --- reduction over the chunk's pixels, in order
+    offs_p = p_begin + offs_k
+    grad_out_ptrs = grad_out_ptr + _offsets(offs_co[:, None], offs_p[None, :], C_out, P,
+                                            CHANNELS_LAST)  # [BLOCK_CO, BLOCK_K]
+    lateral_ptrs = lateral_ptr + _offsets(offs_ci[None, :], offs_p[:, None], C_in, P,
+                                          CHANNELS_LAST)  # [BLOCK_K, BLOCK_CI]
+    grad_out_p_step = BLOCK_K * _pixel_stride(C_out, CHANNELS_LAST)
+    lateral_p_step = BLOCK_K * _pixel_stride(C_in, CHANNELS_LAST)
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    for p in range(p_begin, p_end, BLOCK_K):
+        p_in = offs_k < p_end - p
+        grad_out_tile = tl.load(grad_out_ptrs, mask=co_in[:, None] & p_in[None, :], other=0.0)
+        lateral_tile = tl.load(lateral_ptrs, mask=p_in[:, None] & ci_in[None, :], other=0.0)
+        acc = _mma(grad_out_tile, lateral_tile, acc, DOT_PRECISION, DOT_IN_FP32)
+        if HAS_BIAS:
+            bias_acc += tl.sum(grad_out_tile.to(tl.float32), axis=1)
+        grad_out_ptrs += grad_out_p_step
+        lateral_ptrs += lateral_p_step
+
+    # --- this split's partial sums (fp32)
+    partial_ptrs = (weight_partial_ptr + split.to(tl.int64) * C_out * C_in
+                    + offs_co[:, None] * C_in + offs_ci[None, :])
+    tl.store(partial_ptrs, acc, mask=co_in[:, None] & ci_in[None, :])
+    if HAS_BIAS:
+        bias_ptrs = bias_partial_ptr + split.to(tl.int64) * C_out + offs_co
+        tl.store(bias_ptrs, bias_acc, mask=co_in & (ci_tile == 0))
+
+
+ORDERED_SUM_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)]
+ORDERED_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK": 256}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def ordered_sum_kernel(partial_ptr, out_ptr, num_splits, numel, BLOCK: tl.constexpr):
+    """out (numel,) = partial[0] + partial[1] + ... + partial[num_splits - 1], summed in that
+    order in fp32, then cast to out's dtype. partial: (num_splits, numel) fp32.
+
+    Grid: (cdiv(numel, BLOCK),).
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    partial_ptrs = partial_ptr + offs
+    for _ in range(0, num_splits):
+        acc += tl.load(partial_ptrs, mask=mask, other=0.0)
+        partial_ptrs += numel
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- grad_top
+
+# (BLOCK_C, BLOCK_T = top pixels, warps, stages): no tensor cores, a gather-sum; 4096-element
+# tiles keep enough loads in flight per program.
+NEAREST_UPSAMPLE_GRAD_CONFIGS = {
+    2: [triton.Config({"BLOCK_C": 64, "BLOCK_T": 64}, num_warps=4, num_stages=1)],
+    4: [triton.Config({"BLOCK_C": 64, "BLOCK_T": 64}, num_warps=4, num_stages=1)],
+}
+NEAREST_UPSAMPLE_GRAD_INTERPRET_CONFIG = triton.Config(
+    {"BLOCK_C": 16, "BLOCK_T": 128}, num_warps=4, num_stages=1
+)
+
+
+@triton.jit
+def nearest_upsample_grad_kernel(
+    grad_out_ptr, row_begin_ptr, col_begin_ptr, grad_top_ptr,
+    C, H, W, h, w, max_rows, max_cols,
+    CHANNELS_LAST: tl.constexpr, INT64_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """grad_top[n, c, ty, tx] = sum of grad_out[n, c, y, x] over y in [row_begin[ty],
+    row_begin[ty + 1]) and x in [col_begin[tx], col_begin[tx + 1]), row by row: the exact adjoint
+    of the forward's nearest gather (every destination pixel has one source, so these
+    rectangles tile the output). max_rows/max_cols: the longest range on each axis.
+
+    Grid: (cdiv(C, BLOCK_C) * cdiv(h*w, BLOCK_T), N).
+    """
+    # --- which tile of (channels, top pixels)
+    pid = tl.program_id(0)
+    image = tl.program_id(1).to(tl.int64)
+    num_c_tiles = tl.cdiv(C, BLOCK_C)
+    c_tile = pid % num_c_tiles
+    t_tile = pid // num_c_tiles
+    P = H * W
+    T = h * w
+    offs_c = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_t = t_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    if INT64_INDEX:
+        offs_c = offs_c.to(tl.int64)
+        offs_t = offs_t.to(tl.int64)
+        P = P.to(tl.int64)
+    c_in = offs_c < C
+    t_in = offs_t < T
+    grad_out_ptr += image * C * P
+    grad_top_ptr += image * C * T
+
+    # --- each top pixel's destination rectangle: first pixel and extent
+    top_y = offs_t // w
+    top_x = offs_t % w
+    row_first = tl.load(row_begin_ptr + top_y, mask=t_in, other=0)
+    num_rows = tl.load(row_begin_ptr + top_y + 1, mask=t_in, other=0) - row_first
+    col_first = tl.load(col_begin_ptr + top_x, mask=t_in, other=0)
+    num_cols = tl.load(col_begin_ptr + top_x + 1, mask=t_in, other=0) - col_first
+    first_pixel = row_first * W + col_first  # int32 tables: widen before scaling by C
+    if INT64_INDEX:
+        first_pixel = first_pixel.to(tl.int64)
+    channel, first_pixel = _to_tile(offs_c, first_pixel, CHANNELS_LAST)
+    _, num_rows = _to_tile(offs_c, num_rows, CHANNELS_LAST)
+    _, num_cols = _to_tile(offs_c, num_cols, CHANNELS_LAST)
+    c_in_2d, t_in_2d = _to_tile(c_in, t_in, CHANNELS_LAST)
+    mask = c_in_2d & t_in_2d
+    first_ptrs = grad_out_ptr + _offsets(channel, first_pixel, C, P, CHANNELS_LAST)
+    pixel_stride = _pixel_stride(C, CHANNELS_LAST)
+
+    # --- fixed-order sum over the rectangle, row by row
+    acc = _zeros_tile(BLOCK_C, BLOCK_T, CHANNELS_LAST)
+    for dy in range(0, max_rows):
+        for dx in range(0, max_cols):
+            reads = mask & (dy < num_rows) & (dx < num_cols)
+            grad = tl.load(first_ptrs + (dy * W + dx) * pixel_stride, mask=reads, other=0.0)
+            acc += grad.to(tl.float32)
+    _, top_pixel = _to_tile(offs_c, offs_t, CHANNELS_LAST)
+    grad_top_ptrs = grad_top_ptr + _offsets(channel, top_pixel, C, T, CHANNELS_LAST)
+    tl.store(grad_top_ptrs, acc.to(grad_top_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,48 @@
+"""HBM traffic of one FPN top-down merge, eager vs fused, and the time it implies: a MODEL.
+
+Formulas (DESIGN.md, "Bytes moved"), element size ``e``, ``HW`` = lateral's pixels, ``hw`` =
+top's pixels:
+
+* eager = e * (N*Ci*HW + Co*Ci + N*Co*HW        conv2d: read lateral and weight, write lat
+          + N*Co*hw + N*Co*HW                   interpolate: read top, write up
+          + 3*N*Co*HW)                          add: read lat and up, write out
+* fused = e * (N*Ci*HW + Co*Ci + N*Co*hw + N*Co*HW)   read lateral, weight, top; write out
+
+A memory-bound level takes about bytes / bandwidth. These are lower bounds from a model, not
+measurements: label them so wherever they are printed. No triton or GPU needed to import this.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+H100_SXM_BANDWIDTH = 3.35e12  # bytes/s, HBM3
+H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
+
+
+class LevelShape(Protocol):
+    """One top-down merge: lateral (n, c_in, *out_hw) + top (n, c_out, *top_hw); e.g.
+    ``fpn_kernels.cli.cases.Level``."""
+
+    n: int
+    c_in: int
+    c_out: int
+    out_hw: tuple[int, int]
+    top_hw: tuple[int, int]
+
+
+def bytes_moved(level: LevelShape, element_size: int) -> tuple[int, int]:
+    """(eager, fused) HBM bytes of the forward merge of ``level``."""
+    n, ci, co = level.n, level.c_in, level.c_out
+    out_pixels = level.out_hw[0] * level.out_hw[1]
+    top_pixels = level.top_hw[0] * level.top_hw[1]
+    lateral, weight = n * ci * out_pixels, co * ci
+    out, top = n * co * out_pixels, n * co * top_pixels
+    eager = (lateral + weight + out) + (top + out) + 3 * out
+    fused = lateral + weight + top + out
+    return element_size * eager, element_size * fused
+
+
+def roofline_seconds(nbytes: int, bandwidth: float = H100_SXM_BANDWIDTH) -> float:
+    """The time to move ``nbytes`` at ``bandwidth`` bytes/s: the memory-bound lower bound."""
+    return nbytes / bandwidth

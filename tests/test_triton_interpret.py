@@ -1,0 +1,126 @@
+"""The Triton kernels, run by Triton's interpreter on CPU tensors, against eager.
+
+TRITON_INTERPRET=1 must be set before triton is imported, and by the time this file is
+collected in a plain ``pytest tests`` run, torch (and maybe triton) are imported. So the plain
+run has one test, which runs this same file again in a fresh ``python -m pytest`` with
+TRITON_INTERPRET=1; there the real matrix below is collected. Run the matrix directly with
+``TRITON_INTERPRET=1 pytest tests/test_triton_interpret.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+if not INTERPRETING:
+
+    def test_interpreter_matrix_in_a_fresh_process():
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        repo = Path(__file__).resolve().parents[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             str(Path(__file__).resolve())],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert run.returncode == 0, f"interpreter run failed:\n{run.stdout[-8000:]}\n{run.stderr}"
+        assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
+
+    def test_unavailable_reason_without_gpu_says_how_to_test():
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is present: the backend is available")
+        from fpn_kernels import triton as triton_backend
+
+        reason = triton_backend.unavailable_reason()
+        assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+else:
+    import math
+
+    from conftest import assert_close, make_inputs
+    from triton_cases import CASES, DTYPES, Case, run_case
+
+    import fpn_kernels
+    from fpn_kernels import backends
+    from fpn_kernels.reference import upsample_add_conv1x1_reference_backward
+    from fpn_kernels.triton import launch
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("case", CASES, ids=str)
+    def test_matches_eager(case, dtype, channels_last):
+        run_case(case, dtype, channels_last, device="cpu")
+
+    def test_backend_is_available_for_cpu_tensors_by_name_only():
+        assert backends.BACKENDS["triton"].unavailable_reason is None
+        assert "triton" in fpn_kernels.available_backends()
+        # "auto" never picks the interpreter for CPU tensors: it is a correctness tool.
+        assert backends.select_backend("auto", torch.device("cpu"), torch.float32) != "triton"
+
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_int64_offsets(monkeypatch, channels_last):
+        # Images of 2^31 elements do not fit this machine; lowering the threshold runs the
+        # same int64 code path on small tensors.
+        monkeypatch.setattr(launch, "INT64_INDEX_FROM", 1)
+        run_case(Case(2, 17, 33, (19, 10), (10, 5), scale_factor=(1.9, 2.0)), torch.float32,
+                 channels_last, device="cpu")
+
+    @pytest.mark.parametrize("deterministic", [False, True])
+    def test_backward_same_bits_every_run(deterministic):
+        case = CASES[4]
+        g = torch.Generator().manual_seed(3)
+        lateral = torch.randn(case.n, case.c_in, *case.out_hw, generator=g)
+        weight = torch.randn(case.c_out, case.c_in, generator=g)
+        grad_out = torch.randn(case.n, case.c_out, *case.out_hw, generator=g)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            runs = [launch.backward(grad_out, lateral, weight, list(case.top_hw), case.mode,
+                                    None, False, "cpu_generic", [True] * 4) for _ in range(2)]
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        for first, second in zip(*runs, strict=True):
+            assert torch.equal(first, second)
+
+    def test_autotune_key_names_kernel_arguments():
+        # Triton drops key names that are not arguments without a word.
+        autotuned = launch._upsample_add_conv1x1_autotuned
+        assert set(autotuned.keys) <= set(launch.kernels.upsample_add_conv1x1_kernel.arg_names)
+        assert {"C_in", "C_out", "P", "CHANNELS_LAST"} <= set(autotuned.keys)
+
+    def test_weight_grad_split_is_fixed_by_shape():
+        # CASES[0] sums several pixel chunks per image: the ordered partial sum is exercised.
+        case = CASES[0]
+        config = launch.kernels.CONV1X1_WEIGHT_GRAD_INTERPRET_CONFIG.kwargs
+        tiles = (math.ceil(case.c_out / config["BLOCK_CO"])
+                 * math.ceil(case.c_in / config["BLOCK_CI"]))
+        pixels = case.out_hw[0] * case.out_hw[1]
+        chunk, chunks = launch.weight_grad_split(case.n, pixels, tiles, config["BLOCK_K"])
+        assert chunks > 1 and chunk % config["BLOCK_K"] == 0
+        assert (chunks - 1) * chunk < pixels <= chunks * chunk
+
+    @pytest.mark.parametrize("wanted", ["lateral", "weight", "bias", "top"])
+    def test_one_gradient_at_a_time(wanted):
+        # The backward computes only what `needs` asks for; the others come back as None.
+        case = CASES[2]
+        lateral, weight, _, top = make_inputs(case.n, case.c_in, case.c_out, case.out_hw,
+                                              case.top_hw, seed=5)
+        weight = weight.reshape(case.c_out, case.c_in)
+        grad_out = torch.randn(case.n, case.c_out, *case.out_hw)
+        index = ("lateral", "weight", "bias", "top").index(wanted)
+        needs = [i == index for i in range(4)]
+        grads = launch.backward(grad_out, lateral, weight, list(case.top_hw), case.mode, None,
+                                False, "cpu_channels_last", needs)
+        expected = upsample_add_conv1x1_reference_backward(grad_out, lateral, weight,
+                                                           case.top_hw, case.mode)
+        assert [g is not None for g in grads] == needs
+        assert_close(grads[index], expected[index], msg=wanted,
+                     scale=math.sqrt(case.n * case.out_hw[0] * case.out_hw[1]))
