@@ -138,7 +138,8 @@ def _cached_tensor(key: tuple, build) -> torch.Tensor:
     return table
 
 
-def source_index_tensor(
+def index_table_tensor(
+    table: str,
     in_size: int,
     out_size: int,
     scale_factor: float | None,
@@ -148,29 +149,16 @@ def source_index_tensor(
     dtype: torch.dtype = torch.int32,
     double_math: bool = False,
 ) -> torch.Tensor:
-    """:func:`source_indices` as a tensor on ``device`` (cached per device: one copy per shape)."""
+    """One axis's table as a tensor on ``device``, cached per device (one copy per shape):
+    ``table="source"``: :func:`source_indices`; ``table="ranges"``: :func:`destination_ranges`."""
     args = (in_size, out_size, scale_factor, mode, index_kernel, double_math)
+    if table == "source":
+        build = lambda: source_indices(*args).copy()  # noqa: E731
+    elif table == "ranges":
+        build = lambda: destination_ranges(source_indices(*args), in_size)  # noqa: E731
+    else:
+        raise ValueError(f"table: expected 'source' or 'ranges', got {table!r}")
     return _cached_tensor(
-        ("src", *args, str(device), dtype),
-        lambda: torch.from_numpy(source_indices(*args).copy()).to(device=device, dtype=dtype),
-    )
-
-
-def destination_range_tensor(
-    in_size: int,
-    out_size: int,
-    scale_factor: float | None,
-    mode: str,
-    index_kernel: str,
-    device: torch.device,
-    dtype: torch.dtype = torch.int32,
-    double_math: bool = False,
-) -> torch.Tensor:
-    """:func:`destination_ranges` of that axis as a tensor on ``device`` (cached per device)."""
-    args = (in_size, out_size, scale_factor, mode, index_kernel, double_math)
-    return _cached_tensor(
-        ("ranges", *args, str(device), dtype),
-        lambda: torch.from_numpy(destination_ranges(source_indices(*args), in_size)).to(
-            device=device, dtype=dtype
-        ),
+        (table, *args, str(device), dtype),
+        lambda: torch.from_numpy(build()).to(device=device, dtype=dtype),
     )

@@ -6,14 +6,12 @@ import pytest
 import torch
 
 import fpn_kernels
+from fpn_kernels.cli.check import TOLERANCES as CHECK_TOLERANCES
 
-# (atol, rtol) per dtype, for unit-scale data (weights scaled by 1/sqrt(C_in)). fp32 GEMMs in
-# different orders differ by ~1e-6; half/bfloat16 by a few ulps of their 10/7-bit mantissas.
+# (atol, rtol) per dtype for unit-scale data: the same table `python -m fpn_kernels check` uses.
 TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (6e-2, 2e-2),
+    dtype: CHECK_TOLERANCES[str(dtype).removeprefix("torch.")]
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 }
 
 

@@ -167,8 +167,10 @@ def _forward_with_cuda_index_rule(lateral, weight, bias, top, mode, scale_factor
     short-cuts. Right for every size except an odd scale factor with out == 2 * in."""
     (h, w), (out_h, out_w) = top.shape[2:], lateral.shape[2:]
     sh, sw = scale_factor if scale_factor is not None else (None, None)
-    rows = indexing.source_index_tensor(h, out_h, sh, mode, "cuda", top.device, torch.int64)
-    cols = indexing.source_index_tensor(w, out_w, sw, mode, "cuda", top.device, torch.int64)
+    rows = indexing.index_table_tensor("source", h, out_h, sh, mode, "cuda", top.device,
+                                       torch.int64)
+    cols = indexing.index_table_tensor("source", w, out_w, sw, mode, "cuda", top.device,
+                                       torch.int64)
     conv = F.conv2d(lateral, weight[:, :, None, None], bias)
     return conv + top[:, :, rows][:, :, :, cols]
 

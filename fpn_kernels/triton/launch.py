@@ -23,9 +23,8 @@ from torch import Tensor
 
 from .. import _eager_backend
 from ..indexing import (
-    destination_range_tensor,
     destination_ranges,
-    source_index_tensor,
+    index_table_tensor,
     source_indices,
 )
 from . import kernels
@@ -256,7 +255,7 @@ def _upsample_grad(grad_out: Tensor, top_hw: Sequence[int], mode: str,
     top_h, top_w = (int(s) for s in top_hw)
     scale_h, scale_w = _axis_scales(scale_factor)
     tables = [
-        destination_range_tensor(top_size, size, scale, mode, index_kernel, grad_out.device)
+        index_table_tensor("ranges", top_size, size, scale, mode, index_kernel, grad_out.device)
         for top_size, size, scale in ((top_h, height, scale_h), (top_w, width, scale_w))
     ]
     max_rows = _longest_range(top_h, height, scale_h, mode, index_kernel)
@@ -295,8 +294,8 @@ def forward(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor, m
     # (it differs by device, and on CPU by layout and size). The tables come from the one
     # implementation of that math, fpn_kernels.indexing.
     src_tables = (
-        source_index_tensor(top_h, height, scale_h, mode, index_kernel, lateral.device),
-        source_index_tensor(top_w, width, scale_w, mode, index_kernel, lateral.device),
+        index_table_tensor("source", top_h, height, scale_h, mode, index_kernel, lateral.device),
+        index_table_tensor("source", top_w, width, scale_w, mode, index_kernel, lateral.device),
     )
     return _conv1x1(lateral, weight, bias, top, src_tables, channels_last, autotune=True)
 
