@@ -4,6 +4,8 @@ Environment:
   FPN_KERNELS_BUILD_CUDA   "auto" (default): build the CUDA kernels when torch has CUDA and nvcc
                            is found; "1": require it; "0": skip it.
   TORCH_CUDA_ARCH_LIST     default "8.0;9.0" (keeps CI's build short).
+  FPN_KERNELS_NO_EXTENSIONS=1  package only (the Makefile's editable install: it then builds the
+                           extensions with `setup.py build_ext --inplace`, incrementally).
 Build with torch already installed: ``pip install --no-build-isolation -e .``.
 """
 
@@ -47,7 +49,7 @@ def _want_cuda() -> bool:
     return have and bool(_sources("csrc/cuda/*.cu"))
 
 
-ext_modules = [
+ext_modules = [] if os.environ.get("FPN_KERNELS_NO_EXTENSIONS") == "1" else [
     cpp_extension.CppExtension(
         "fpn_kernels._C",
         _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp"),
@@ -55,7 +57,7 @@ ext_modules = [
         extra_compile_args={"cxx": CXX_FLAGS},
     )
 ]
-if _want_cuda():
+if ext_modules and _want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext_modules.append(
         cpp_extension.CUDAExtension(
@@ -64,7 +66,7 @@ if _want_cuda():
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v"],
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"],
             },
         )
     )
