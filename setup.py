@@ -3,7 +3,7 @@
 Environment:
   FPN_KERNELS_BUILD_CUDA   "auto" (default): build the CUDA kernels when torch has CUDA and nvcc
                            is found; "1": require it; "0": skip it.
-  TORCH_CUDA_ARCH_LIST     default "8.0;9.0" (keeps CI's build short).
+  TORCH_CUDA_ARCH_LIST     default "8.0;9.0+PTX" (keeps CI's build short).
   FPN_KERNELS_NO_EXTENSIONS=1  package only (the Makefile's editable install: it then builds the
                            extensions with `setup.py build_ext --inplace`, incrementally).
 Build with torch already installed: ``pip install --no-build-isolation -e .``.
@@ -58,7 +58,8 @@ ext_modules = [] if os.environ.get("FPN_KERNELS_NO_EXTENSIONS") == "1" else [
     )
 ]
 if ext_modules and _want_cuda():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # PTX for 9.0 lets newer GPUs JIT the kernels instead of failing with "no kernel image".
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     ext_modules.append(
         cpp_extension.CUDAExtension(
             "fpn_kernels._C_cuda",

@@ -15,7 +15,8 @@ A backend is a module-like object with two functions over *normalized* inputs (t
 needs)``
     ``grad_out`` like ``out``; ``needs`` = 4 bools for (lateral, weight, bias, top). Returns
     ``(grad_lateral, grad_weight (C_out, C_in), grad_bias, grad_top)``, None where not needed.
-    Deterministic: the same bits on every run and for any thread count.
+    Deterministic: the same bits on every run, and (fused backends) for any thread count;
+    the eager reference inherits ATen's conv, whose bits vary with the thread count.
 
 Selection follows xformers: ``not_supported_reasons(...)`` lists why a backend cannot take the
 inputs; ``backend="auto"`` takes the first backend with no reasons, an explicit backend raises

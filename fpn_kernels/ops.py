@@ -16,6 +16,7 @@ Layers, outermost first:
 from __future__ import annotations
 
 import math
+import numbers  # numpy scalars count as real scale factors, like in F.interpolate
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +42,6 @@ def _check_tensor(name: str, t: object) -> Tensor:
 def _normalize_scale_factor(
     scale_factor: object, top_hw: Sequence[int], out_hw: Sequence[int]
 ) -> list[float] | None:
-    import numbers  # numpy scalars and ints count, like F.interpolate; bool does not
-
     if scale_factor is None:
         return None
 
@@ -341,9 +340,12 @@ def _autocast(lateral, weight, bias, top):
     keeps ``top``'s dtype, and the add promotes. We round the conv inputs through the autocast
     dtype (as eager does) and compute in the promoted dtype."""
     device_type = lateral.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(
+        device_type
+    ):
         return lateral, weight, bias, top
-    low = torch.get_autocast_dtype(device_type)
+    # Autocast casts only float32-ish inputs of conv2d down; float64 stays float64.
+    low = lateral.dtype if lateral.dtype == torch.float64 else torch.get_autocast_dtype(device_type)
     out_dtype = torch.promote_types(low, top.dtype)
     with torch.autocast(device_type, enabled=False):
         lateral, weight = (t.to(low).to(out_dtype) for t in (lateral, weight))

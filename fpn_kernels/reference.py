@@ -102,5 +102,6 @@ def upsample_adjoint(grad_out: Tensor, top_hw: Sequence[int], src: Tensor) -> Te
     n, c = grad_out.shape[:2]
     acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     grad_top = torch.zeros(n, c, top_hw[0] * top_hw[1], dtype=acc_dtype, device=grad_out.device)
-    grad_top.index_add_(2, src, grad_out.reshape(n, c, -1).to(acc_dtype))
+    pixels = grad_out.shape[2] * grad_out.shape[3]  # explicit: N may be 0
+    grad_top.index_add_(2, src, grad_out.reshape(n, c, pixels).to(acc_dtype))
     return grad_top.reshape(n, c, *top_hw).to(grad_out.dtype)

@@ -16,6 +16,7 @@ from conftest import assert_close, make_inputs
 
 from fpn_kernels import upsample_add_conv1x1, upsample_add_conv1x1_reference
 from fpn_kernels.indexing import aten_index_kernel
+from fpn_kernels.ops import is_channels_last
 from fpn_kernels.reference import upsample_add_conv1x1_reference_backward
 
 
@@ -70,7 +71,9 @@ def run_case(case: Case, dtype: torch.dtype, channels_last: bool, device: str,
     out = upsample_add_conv1x1(*fused_in, backend="triton", **kwargs)
     expected = upsample_add_conv1x1_reference(lateral, weight, bias, top, **kwargs)
     assert_close(out, expected, msg=f"{case} forward")
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    # The output follows lateral's layout; with one channel a channels_last lateral is also
+    # plainly contiguous, and then (like conv2d) the output is NCHW.
+    layout = torch.channels_last if is_channels_last(fused_in[0]) else torch.contiguous_format
     assert out.is_contiguous(memory_format=layout), "output must follow lateral's layout"
 
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 1))

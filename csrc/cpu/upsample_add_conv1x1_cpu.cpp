@@ -78,15 +78,35 @@ inline void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool
   }
 }
 
+// MKL's per-thread override (exported by libtorch_cpu in MKL builds; null with other BLAS).
+// torch runs MKL with mkl_set_dynamic(false), so MKL picks its algorithm (how it splits a
+// reduction) for torch's thread count even inside our parallel region: the same GEMM then gives
+// other bits with 1 and 2 threads. Each of our GEMMs runs on one thread anyway, so we tell MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+};
+
 // Runs fn(task) for task in [0, tasks) on the intra-op threads, handing tasks out one at a
 // time: a thread that is slowed down (a busy machine) takes fewer tiles instead of making the
 // others wait, as at::parallel_for's static split would. Every task's result depends on the
-// task alone, so the bits do not depend on which thread ran it.
+// task alone (its GEMMs single-threaded), so the bits do not depend on which thread ran it or
+// on how many threads there are.
 template <typename Fn>
 void parallel_tasks(int64_t tasks, const Fn& fn) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SequentialBlas sequential;
     for (int64_t task = next++; task < tasks; task = next++) fn(task);
   });
 }

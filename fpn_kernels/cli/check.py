@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, upsample_add_conv1x1, upsample_add_conv1x1_reference
+from ..precision import cudnn_conv_allows_tf32
 from .cases import DTYPES, LAYOUTS, Level, make_grad_out, make_inputs
 
 # (atol, rtol) per precision on unit-scale data; atol grows with sqrt(number of summed terms)
@@ -44,7 +45,7 @@ PRECISIONS = {**DTYPES, "tf32": torch.float32}
 def tf32_enabled(device: str) -> bool:
     """Whether fp32 convolutions on ``device`` may run as TF32 now (eager's and our backends'
     rule: cuDNN's flag, True by default)."""
-    return device == "cuda" and torch.backends.cudnn.allow_tf32
+    return device == "cuda" and cudnn_conv_allows_tf32()
 
 
 def tolerance(dtype: torch.dtype, device: str) -> tuple[float, float]:

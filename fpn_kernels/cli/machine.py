@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..precision import cudnn_conv_allows_tf32
 from .timing import Timing, TimingPolicy, time_all
 
 
@@ -48,7 +49,7 @@ def machine_info(device: str) -> dict:
                     gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
                     # fp32 convs and matmuls run as TF32 when these are on (eager's default
                     # for cuDNN): it changes both the speed and the error of every fp32 row.
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    cudnn_allow_tf32=cudnn_conv_allows_tf32(),
                     matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return info
 

@@ -27,15 +27,28 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _on_device(t):
+    """Triton launches on the current CUDA device and its stream: make that ``t``'s device
+    (like the CUDA backend's CUDAGuard), or nothing for CPU tensors under the interpreter."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel):
     from .launch import forward
 
-    return forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel)
+    with _on_device(lateral):
+        return forward(lateral, weight, bias, top, mode, scale_factor, channels_last,
+                       index_kernel)
 
 
 def backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last, index_kernel,
              needs):
     from .launch import backward
 
-    return backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last,
-                    index_kernel, needs)
+    with _on_device(lateral):
+        return backward(grad_out, lateral, weight, top_hw, mode, scale_factor, channels_last,
+                        index_kernel, needs)

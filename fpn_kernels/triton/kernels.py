@@ -373,7 +373,10 @@ def nearest_upsample_grad_kernel(
     for dy in range(0, max_rows):
         for dx in range(0, max_cols):
             reads = mask & (dy < num_rows) & (dx < num_cols)
-            grad = tl.load(first_ptrs + (dy * W + dx) * pixel_stride, mask=reads, other=0.0)
+            step = dy * W + dx
+            if INT64_INDEX:  # channels_last: step * C can pass 2^31 on a large image
+                step = step.to(tl.int64)
+            grad = tl.load(first_ptrs + step * pixel_stride, mask=reads, other=0.0)
             acc += grad.to(tl.float32)
     _, top_pixel = _to_tile(offs_c, offs_t, CHANNELS_LAST)
     grad_top_ptrs = grad_top_ptr + _offsets(channel, top_pixel, C, T, CHANNELS_LAST)

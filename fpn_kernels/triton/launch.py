@@ -27,6 +27,7 @@ from ..indexing import (
     index_table_tensor,
     source_indices,
 )
+from ..precision import cudnn_conv_allows_tf32
 from . import kernels
 
 # The kernels were built for the interpreter iff this was set when kernels.py was imported.
@@ -60,7 +61,7 @@ def _axis_scales(scale_factor: Sequence[float] | None) -> tuple[float | None, fl
 def _dot_flags(t: Tensor) -> dict:
     """What eager conv2d would do: fp32 as TF32 on CUDA iff cuDNN may use TF32 (CPU eager is
     IEEE fp32); 16-bit operands always multiply exactly with fp32 accumulation."""
-    tf32 = t.device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    tf32 = t.device.type == "cuda" and cudnn_conv_allows_tf32()
     ieee = t.dtype == torch.float32 and not tf32
     return {
         "DOT_PRECISION": "ieee" if ieee else "tf32",
