@@ -21,6 +21,9 @@ THREAD_CASES = {
     "deep_c_in": (1, 2048, 8, (8, 8), (4, 4)),
     "wide_rows": (2, 16, 40, (3, 1100), (2, 550)),
     "tiny": (1, 8, 8, (8, 8), (4, 4)),
+    # R50-FPN channel counts: large GEMM blocks, which take MKL's unsliced path.
+    "r50_p2_channels": (1, 256, 256, (32, 48), (16, 24)),
+    "r50_p4_channels": (1, 1024, 256, (13, 76), (7, 38)),
 }
 
 

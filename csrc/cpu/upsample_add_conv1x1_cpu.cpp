@@ -13,7 +13,7 @@
 // dependence on the thread count):
 //   grad_lateral = weight^T @ grad_out        per (n, pixel tile), like the forward;
 //   grad_weight  = sum_n grad_out_n @ lateral_n^T, grad_bias = sum grad_out: fixed pixel chunks
-//                  in order, each chunk's GEMM parallel over blocks of C_out rows;
+//                  into a fixed number of partial sums, added in order;
 //   grad_top     = for each top pixel, the ordered sum over the destination rectangle that
 //                  reads it (NearestAxis::first_destination, the exact adjoint).
 //
@@ -47,8 +47,6 @@ constexpr int64_t kTilePixels = 1024;
 // Pixels per grad_weight chunk (the GEMM's reduction length); fixed, so sums never depend on
 // the thread count.
 constexpr int64_t kChunkPixels = 1024;
-// grad_weight/grad_bias rows (C_out) per parallel task.
-constexpr int64_t kRowBlock = 32;
 
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16, else scalar_t
@@ -70,43 +68,38 @@ inline at::Tensor as_acc(const at::Tensor& view) {
 }
 
 // c = a @ b (or c += a @ b): at::mm_out honours row- and column-major strides without copies.
+// Bits must not depend on the thread count, but torch runs MKL with mkl_set_dynamic(false): even
+// inside our parallel region MKL plans a GEMM for torch's thread count, and for a small output
+// block with a long reduction that plan splits the reduction (measured here: C_out = 8 from
+// C_in = 2048, or a 32 x 24 grad_weight block over 1024 pixels, change bits between 1 and 2
+// threads). Such GEMMs get the reduction in fixed slices short enough never to be split.
+constexpr int64_t kSplitFreeOutput = int64_t(1) << 16;  // output elements
+constexpr int64_t kSplitFreeReduction = 64;
+
 inline void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (accumulate) {
-    at::addmm_out(c, c, a, b);
-  } else {
-    at::mm_out(c, a, b);
+  const int64_t k = a.size(1);
+  const int64_t slice = c.numel() >= kSplitFreeOutput ? k : kSplitFreeReduction;
+  for (int64_t k0 = 0; k0 < k || k0 == 0; k0 += slice) {
+    const int64_t length = std::min(slice, k - k0);
+    const at::Tensor a_k = a.narrow(1, k0, length), b_k = b.narrow(0, k0, length);
+    if (accumulate || k0 > 0) {
+      at::addmm_out(c, c, a_k, b_k);
+    } else {
+      at::mm_out(c, a_k, b_k);
+    }
+    if (k == 0) break;
   }
 }
-
-// MKL's per-thread override (exported by libtorch_cpu in MKL builds; null with other BLAS).
-// torch runs MKL with mkl_set_dynamic(false), so MKL picks its algorithm (how it splits a
-// reduction) for torch's thread count even inside our parallel region: the same GEMM then gives
-// other bits with 1 and 2 threads. Each of our GEMMs runs on one thread anyway, so we tell MKL.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-struct SequentialBlas {
-  int previous = 0;
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-};
 
 // Runs fn(task) for task in [0, tasks) on the intra-op threads, handing tasks out one at a
 // time: a thread that is slowed down (a busy machine) takes fewer tiles instead of making the
 // others wait, as at::parallel_for's static split would. Every task's result depends on the
-// task alone (its GEMMs single-threaded), so the bits do not depend on which thread ran it or
-// on how many threads there are.
+// task alone, so the bits do not depend on which thread ran it.
 template <typename Fn>
 void parallel_tasks(int64_t tasks, const Fn& fn) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    const SequentialBlas sequential;
     for (int64_t task = next++; task < tasks; task = next++) fn(task);
   });
 }
@@ -362,41 +355,50 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
   });
 }
 
-// grad_weight (C_out, C_in) += grad_chunk (C_out, P) @ lateral_chunk^T (P, C_in) and
-// grad_bias += row sums, over fixed pixel chunks in order; each chunk's GEMM is split over
-// blocks of C_out rows (each block owns its rows: no races, no thread-count dependence).
+// grad_weight (C_out, C_in) = sum over pixel chunks of grad_chunk (C_out, P) @ lateral_chunk^T
+// (P, C_in), grad_bias = sum of grad_out rows. Chunk c goes to partial sum c % kPartials in
+// chunk order; the partials are added in order at the end. The split depends on the shape only,
+// so the bits do not depend on the thread count; whole-C_out GEMMs keep MKL's blocks large.
+constexpr int64_t kPartials = 4;
+
 template <typename scalar_t>
 void grad_weight_bias_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
-                             at::Tensor& weight_acc, double* grad_bias, bool channels_last) {
+                             at::Tensor& weight_acc, at::Tensor& bias_acc, bool channels_last) {
   using acc = acc_t<scalar_t>;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
-  const int64_t row_blocks = (s.c_out + kRowBlock - 1) / kRowBlock;
-  for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
-    const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
-    // lateral_chunk^T (P, C_in), converted once per chunk for half/bfloat16.
-    const at::Tensor lat_t =
-        channels_last
-            ? as_acc(view2d(lateral + (n * hw + p0) * s.c_in, np, s.c_in, s.c_in, 1))
-            : as_acc(view2d(lateral + n * s.c_in * hw + p0, np, s.c_in, 1, hw));
-    parallel_tasks(row_blocks, [&](int64_t block) {
-      const int64_t o0 = block * kRowBlock, rows = std::min(kRowBlock, s.c_out - o0);
+  const int64_t num_chunks = s.n * chunks.per_image;
+  const int64_t partials = std::min(kPartials, num_chunks);
+  const at::Tensor weight_partials = at::zeros({partials, s.c_out, s.c_in}, weight_acc.options());
+  const at::Tensor bias_partials = at::zeros({partials, s.c_out}, bias_acc.options());
+  parallel_tasks(partials, [&](int64_t part) {
+    at::Tensor gw = weight_partials[part];
+    double* gb = bias_partials[part].mutable_data_ptr<double>();
+    for (int64_t chunk = part; chunk < num_chunks; chunk += partials) {
+      const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+      const int64_t pixel = n * hw + p0;
+      // grad_chunk (C_out, P) and lateral_chunk^T (P, C_in), fp32 copies for half/bfloat16.
       const at::Tensor grad =
           channels_last
-              ? as_acc(view2d(grad_out + (n * hw + p0) * s.c_out + o0, rows, np, 1, s.c_out))
-              : as_acc(view2d(grad_out + (n * s.c_out + o0) * hw + p0, rows, np, hw, 1));
-      at::Tensor gw = weight_acc.narrow(0, o0, rows);
-      matmul(gw, grad, lat_t, /*accumulate=*/chunk > 0);
-      if (grad_bias) {
-        // Ordered sum of each row over the chunk, in acc precision, then into double.
-        const acc* g = grad.const_data_ptr<acc>();
-        for (int64_t o = 0; o < rows; ++o) {
-          acc sum = 0;
-          for (int64_t p = 0; p < np; ++p) sum += g[o * grad.stride(0) + p * grad.stride(1)];
-          grad_bias[o0 + o] += sum;
-        }
+              ? as_acc(view2d(grad_out + pixel * s.c_out, s.c_out, np, 1, s.c_out))
+              : as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
+      const at::Tensor lat_t =
+          channels_last
+              ? as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1))
+              : as_acc(view2d(lateral + n * s.c_in * hw + p0, np, s.c_in, 1, hw));
+      matmul(gw, grad, lat_t, /*accumulate=*/true);
+      // Ordered sum of each row over the chunk, in acc precision, then into double.
+      const acc* g = grad.const_data_ptr<acc>();
+      for (int64_t o = 0; o < s.c_out; ++o) {
+        acc sum = 0;
+        for (int64_t p = 0; p < np; ++p) sum += g[o * grad.stride(0) + p * grad.stride(1)];
+        gb[o] += sum;
       }
-    });
+    }
+  });
+  for (int64_t part = 0; part < partials; ++part) {  // in order
+    weight_acc.add_(weight_partials[part]);
+    bias_acc.add_(bias_partials[part]);
   }
 }
 
@@ -481,8 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
       at::Tensor bias_acc = at::zeros({s.c_out}, opts.dtype(at::kDouble));
       if (s.n * s.pixels() > 0) {
         grad_weight_bias_kernel<scalar_t>(s, go, lateral.const_data_ptr<scalar_t>(), weight_acc,
-                                          needs[2] ? bias_acc.mutable_data_ptr<double>() : nullptr,
-                                          channels_last);
+                                          bias_acc, channels_last);
       }
       if (needs[1]) grad_weight = weight_acc.to(lateral.scalar_type());
       if (needs[2]) grad_bias = bias_acc.to(lateral.scalar_type());
