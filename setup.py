@@ -49,11 +49,15 @@ def _want_cuda() -> bool:
     return have and bool(_sources("csrc/cuda/*.cu"))
 
 
+# Headers count as sources for setuptools' up-to-date check (ninja tracks them itself).
+HEADERS = _sources("csrc/common/*.h")
+
 ext_modules = [] if os.environ.get("FPN_KERNELS_NO_EXTENSIONS") == "1" else [
     cpp_extension.CppExtension(
         "fpn_kernels._C",
         _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc")],
+        depends=HEADERS,
         extra_compile_args={"cxx": CXX_FLAGS},
     )
 ]
@@ -65,6 +69,7 @@ if ext_modules and _want_cuda():
             "fpn_kernels._C_cuda",
             _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
             include_dirs=[os.path.join(ROOT, "csrc")],
+            depends=HEADERS,
             extra_compile_args={
                 "cxx": CXX_FLAGS,
                 "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"],
