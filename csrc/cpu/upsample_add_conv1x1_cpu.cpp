@@ -12,8 +12,8 @@
 // Backward (deterministic: fixed tiles and chunks, ordered reductions, no atomics, no
 // dependence on the thread count):
 //   grad_lateral = weight^T @ grad_out        per (n, pixel tile), like the forward;
-//   grad_weight  = sum_n grad_out_n @ lateral_n^T, grad_bias = sum grad_out: fixed pixel chunks
-//                  into a fixed number of partial sums, added in order;
+//   grad_weight  = sum_n grad_out_n @ lateral_n^T: fixed pixel chunks, in order;
+//   grad_bias    = sum grad_out, per channel in pixel order;
 //   grad_top     = for each top pixel, the ordered sum over the destination rectangle that
 //                  reads it (NearestAxis::first_destination, the exact adjoint).
 //
@@ -44,8 +44,8 @@ namespace {
 // Target output pixels per forward/grad_lateral task: the C_out x ~1024 fp32 tile (1 MiB at
 // C_out = 256) stays in a core's L2 (2 MiB here) while the epilogue runs.
 constexpr int64_t kTilePixels = 1024;
-// Pixels per grad_weight chunk (the GEMM's reduction length); fixed, so sums never depend on
-// the thread count.
+// Target pixels per grad_weight chunk (the GEMM's reduction length); fixed by the shape, so sums
+// never depend on the thread count.
 constexpr int64_t kChunkPixels = 1024;
 
 template <typename scalar_t>
@@ -355,51 +355,60 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
   });
 }
 
-// grad_weight (C_out, C_in) = sum over pixel chunks of grad_chunk (C_out, P) @ lateral_chunk^T
-// (P, C_in), grad_bias = sum of grad_out rows. Chunk c goes to partial sum c % kPartials in
-// chunk order; the partials are added in order at the end. The split depends on the shape only,
-// so the bits do not depend on the thread count; whole-C_out GEMMs keep MKL's blocks large.
-constexpr int64_t kPartials = 4;
-
+// grad_weight (C_out, C_in) = sum over pixel chunks, in order, of grad_chunk (C_out, P) @
+// lateral_chunk^T (P, C_in). Each chunk's GEMM is called from this thread and uses MKL's own
+// threads over the (C_out, C_in) output: inside a parallel region of ours MKL (run by torch
+// with dynamic threads off) still plans for all threads and ran this ~2.5x slower. The chunk
+// order is fixed and small outputs take matmul's fixed reduction slices, so the bits do not
+// depend on the thread count.
 template <typename scalar_t>
-void grad_weight_bias_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
-                             at::Tensor& weight_acc, at::Tensor& bias_acc, bool channels_last) {
-  using acc = acc_t<scalar_t>;
+void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
+                        at::Tensor& weight_acc, bool channels_last) {
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
-  const int64_t num_chunks = s.n * chunks.per_image;
-  const int64_t partials = std::min(kPartials, num_chunks);
-  const at::Tensor weight_partials = at::zeros({partials, s.c_out, s.c_in}, weight_acc.options());
-  const at::Tensor bias_partials = at::zeros({partials, s.c_out}, bias_acc.options());
-  parallel_tasks(partials, [&](int64_t part) {
-    at::Tensor gw = weight_partials[part];
-    double* gb = bias_partials[part].mutable_data_ptr<double>();
-    for (int64_t chunk = part; chunk < num_chunks; chunk += partials) {
-      const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
-      const int64_t pixel = n * hw + p0;
-      // grad_chunk (C_out, P) and lateral_chunk^T (P, C_in), fp32 copies for half/bfloat16.
-      const at::Tensor grad =
-          channels_last
-              ? as_acc(view2d(grad_out + pixel * s.c_out, s.c_out, np, 1, s.c_out))
-              : as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
-      const at::Tensor lat_t =
-          channels_last
-              ? as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1))
-              : as_acc(view2d(lateral + n * s.c_in * hw + p0, np, s.c_in, 1, hw));
-      matmul(gw, grad, lat_t, /*accumulate=*/true);
-      // Ordered sum of each row over the chunk, in acc precision, then into double.
-      const acc* g = grad.const_data_ptr<acc>();
-      for (int64_t o = 0; o < s.c_out; ++o) {
-        acc sum = 0;
-        for (int64_t p = 0; p < np; ++p) sum += g[o * grad.stride(0) + p * grad.stride(1)];
-        gb[o] += sum;
+  for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
+    const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+    const int64_t pixel = n * hw + p0;
+    // grad_chunk (C_out, P) and lateral_chunk^T (P, C_in), fp32 copies for half/bfloat16.
+    const at::Tensor grad =
+        channels_last ? as_acc(view2d(grad_out + pixel * s.c_out, s.c_out, np, 1, s.c_out))
+                      : as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
+    const at::Tensor lat_t =
+        channels_last ? as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1))
+                      : as_acc(view2d(lateral + n * s.c_in * hw + p0, np, s.c_in, 1, hw));
+    matmul(weight_acc, grad, lat_t, /*accumulate=*/true);
+  }
+}
+
+// grad_bias[o] = sum of grad_out[:, o] over every pixel, in pixel order, in acc precision per
+// image and double across images; parallel over blocks of channels (each channel is summed by
+// one thread in one order).
+template <typename scalar_t>
+void grad_bias_kernel(const Shape& s, const scalar_t* grad_out, double* grad_bias,
+                      bool channels_last) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t kChannelBlock = 64;
+  const int64_t hw = s.pixels();
+  const int64_t blocks = (s.c_out + kChannelBlock - 1) / kChannelBlock;
+  parallel_tasks(blocks, [&](int64_t block) {
+    const int64_t o0 = block * kChannelBlock, channels = std::min(kChannelBlock, s.c_out - o0);
+    std::vector<acc> sum(channels);
+    for (int64_t n = 0; n < s.n; ++n) {
+      std::fill(sum.begin(), sum.end(), acc(0));
+      if (!channels_last) {
+        for (int64_t o = 0; o < channels; ++o) {
+          const scalar_t* row = grad_out + (n * s.c_out + o0 + o) * hw;
+          for (int64_t p = 0; p < hw; ++p) sum[o] += static_cast<acc>(row[p]);
+        }
+      } else {
+        for (int64_t p = 0; p < hw; ++p) {
+          const scalar_t* pixel = grad_out + (n * hw + p) * s.c_out + o0;
+          for (int64_t o = 0; o < channels; ++o) sum[o] += static_cast<acc>(pixel[o]);
+        }
       }
+      for (int64_t o = 0; o < channels; ++o) grad_bias[o0 + o] += sum[o];
     }
   });
-  for (int64_t part = 0; part < partials; ++part) {  // in order
-    weight_acc.add_(weight_partials[part]);
-    bias_acc.add_(bias_partials[part]);
-  }
 }
 
 // grad_top[n, o, sy, sx] = ordered sum of grad_out over rows [rows.begin[sy], rows.begin[sy+1])
@@ -482,8 +491,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
           at::zeros({s.c_out, s.c_in}, opts.dtype(c10::CppTypeToScalarType<acc>::value));
       at::Tensor bias_acc = at::zeros({s.c_out}, opts.dtype(at::kDouble));
       if (s.n * s.pixels() > 0) {
-        grad_weight_bias_kernel<scalar_t>(s, go, lateral.const_data_ptr<scalar_t>(), weight_acc,
-                                          bias_acc, channels_last);
+        if (needs[1]) {
+          grad_weight_kernel<scalar_t>(s, go, lateral.const_data_ptr<scalar_t>(), weight_acc,
+                                       channels_last);
+        }
+        if (needs[2]) {
+          grad_bias_kernel<scalar_t>(s, go, bias_acc.mutable_data_ptr<double>(), channels_last);
+        }
       }
       if (needs[1]) grad_weight = weight_acc.to(lateral.scalar_type());
       if (needs[2]) grad_bias = bias_acc.to(lateral.scalar_type());
