@@ -1,12 +1,12 @@
 // Fused CPU kernels: out = conv1x1(lateral, weight) + bias + nearest_upsample(top).
 //
-// Forward, per task = (image n, tile of kTilePixels output pixels):
-//   1. one GEMM (at::mm_out on views of the tiles: torch's own BLAS, MKL in the x86 wheels) of
-//      weight (C_out, C_in) with the lateral tile (C_in, P), written straight into the output
-//      tile (float/double) or, for bfloat16/half, an fp32 tile from fp32 copies of the operand
-//      tiles (fp32 accumulation, one rounding at the end: the copies cost C_in*P conversions
-//      against 2*C_out*C_in*P flops);
-//   2. the epilogue while that tile is hot in L2: + bias + top[src_row(y), src_col(x)], one store.
+// Forward, per task = (image n, tile of ~kTilePixels output pixels, whole rows where they fit):
+//   1. the prologue: bias + top[src_row(y), src_col(x)] written into the output tile (float/
+//      double) or, for bfloat16/half, into an fp32 tile;
+//   2. one GEMM (at::mm_out on views of the tiles: torch's own BLAS, MKL in the x86 wheels)
+//      accumulates weight (C_out, C_in) @ lateral tile (C_in, P) onto it while the tile is hot
+//      in L2; half/bfloat16 operands go through fp32 copies of the tiles (C_in*P conversions
+//      against 2*C_out*C_in*P flops) and the fp32 tile is rounded once into the output.
 // The output is the only output-sized allocation.
 //
 // Backward (deterministic: fixed tiles and chunks, ordered reductions, no atomics, no
@@ -42,7 +42,7 @@ namespace fpn_kernels {
 namespace {
 
 // Target output pixels per forward/grad_lateral task: the C_out x ~1024 fp32 tile (1 MiB at
-// C_out = 256) stays in a core's L2 (2 MiB here) while the epilogue runs.
+// C_out = 256) stays in a core's L2 (2 MiB here) between the prologue and the GEMM.
 constexpr int64_t kTilePixels = 1024;
 // Target pixels per grad_weight chunk (the GEMM's reduction length); fixed by the shape, so sums
 // never depend on the thread count.
@@ -170,7 +170,7 @@ Shape shape_of(const at::Tensor& lateral, const at::Tensor& weight, int64_t top_
 
 // Pixel tiles of every image, numbered n * per_image + t. A tile is a contiguous pixel range
 // [start, start + length): whole output rows when a row is shorter than `target`, else one
-// segment of a row, so the epilogue walks few row segments. The partition depends on the
+// segment of a row, so the prologue walks few row segments. The partition depends on the
 // shape only (never on the thread count).
 struct Tiles {
   int64_t h, w, rows_per_tile, segments_per_row, segment, per_image;
