@@ -79,11 +79,18 @@ def _normalize_scale_factor(
     return pair
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives conv2d on ``device_type``, or None when it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def validate(
     lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor, mode: str,
     scale_factor: object,
-) -> tuple[Tensor, list[float] | None]:
-    """Check every argument; return the 2-D weight and the normalized ``[sh, sw]`` or None.
+) -> list[float] | None:
+    """Check every argument; return the normalized scale factor ``[sh, sw]`` or None.
 
     Accepts exactly what eager accepts (and raises ``TypeError``/``ValueError`` naming the
     argument, what was expected and what came, where eager would fail somewhere inside).
@@ -101,11 +108,7 @@ def validate(
         raise ValueError(f"lateral: expected a 4-D tensor (N, C_in, H, W), got a {_shape(lateral)}")
     if top.dim() != 4:
         raise ValueError(f"top: expected a 4-D tensor (N, C_out, h, w), got a {_shape(top)}")
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
-        weight2d = weight.reshape(weight.shape[0], weight.shape[1])
-    elif weight.dim() == 2:
-        weight2d = weight
-    else:
+    if not (weight.dim() == 2 or (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1))):
         raise ValueError(
             "weight: expected a (C_out, C_in, 1, 1) or (C_out, C_in) tensor, "
             f"got a {_shape(weight)}"
@@ -119,12 +122,7 @@ def validate(
     # Under torch.autocast eager's conv2d casts lateral, weight and bias to the autocast dtype
     # (all but float64, which autocast leaves alone) and the add promotes with top's dtype, so
     # dtypes may differ exactly as far as eager accepts them.
-    device_type = lateral.device.type
-    autocast_dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-        else None
-    )
+    autocast_dtype = _autocast_dtype(lateral.device.type)
 
     def conv_dtype(t: Tensor) -> torch.dtype:
         return t.dtype if autocast_dtype is None or t.dtype == torch.float64 else autocast_dtype
@@ -143,7 +141,7 @@ def validate(
                 f"{name}: expected a dtype that {autocast_dtype} autocast casts to "
                 f"{conv_dtype(lateral)} like lateral's {lateral.dtype}, got {t.dtype}"
             )
-    c_out, c_in = weight2d.shape
+    c_out, c_in = weight.shape[:2]
     if lateral.shape[1] != c_in:
         raise ValueError(
             f"weight: expected C_in = {lateral.shape[1]} (lateral's channels), got weight of shape "
@@ -174,7 +172,7 @@ def validate(
         raise ValueError(
             f"top: expected h, w >= 1 (to upsample to lateral's {out_hw}), got a {_shape(top)}"
         )
-    return weight2d, _normalize_scale_factor(scale_factor, top_hw, out_hw)
+    return _normalize_scale_factor(scale_factor, top_hw, out_hw)
 
 
 # --------------------------------------------------------------------------- layout
@@ -195,13 +193,17 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def _weight_2d(weight: Tensor) -> Tensor:
+    """(C_out, C_in, 1, 1) or (C_out, C_in) -> contiguous (C_out, C_in), as backends take it."""
+    return weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+
+
 def _normalize(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor):
     channels_last = is_channels_last(lateral)
     fmt = _memory_format(channels_last)
-    weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
     return (
         lateral.contiguous(memory_format=fmt),
-        weight2d,
+        _weight_2d(weight),
         bias.contiguous() if bias is not None else None,
         top.contiguous(memory_format=fmt),
         channels_last,
@@ -261,11 +263,10 @@ def _upsample_add_conv1x1_backward(
     name = _resolve(backend, lateral)
     channels_last = is_channels_last(lateral)
     fmt = _memory_format(channels_last)
-    weight2d = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
     grads = backends.BACKENDS[name].impl.backward(
         grad_out.contiguous(memory_format=fmt),
         lateral.contiguous(memory_format=fmt),
-        weight2d,
+        _weight_2d(weight),
         list(top_hw),
         mode,
         scale_factor,
@@ -340,12 +341,11 @@ def _autocast(lateral, weight, bias, top):
     keeps ``top``'s dtype, and the add promotes. We round the conv inputs through the autocast
     dtype (as eager does) and compute in the promoted dtype."""
     device_type = lateral.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(
-        device_type
-    ):
+    autocast_dtype = _autocast_dtype(device_type)
+    if autocast_dtype is None:
         return lateral, weight, bias, top
     # Autocast casts only float32-ish inputs of conv2d down; float64 stays float64.
-    low = lateral.dtype if lateral.dtype == torch.float64 else torch.get_autocast_dtype(device_type)
+    low = lateral.dtype if lateral.dtype == torch.float64 else autocast_dtype
     out_dtype = torch.promote_types(low, top.dtype)
     with torch.autocast(device_type, enabled=False):
         lateral, weight = (t.to(low).to(out_dtype) for t in (lateral, weight))
@@ -377,7 +377,7 @@ def upsample_add_conv1x1(
             of a size; ``floor(h * scale)`` must equal H (and likewise for W).
         backend: "auto" or one of :func:`fpn_kernels.available_backends`.
     """
-    weight2d, sf = validate(lateral, weight, bias, top, mode, scale_factor)
+    sf = validate(lateral, weight, bias, top, mode, scale_factor)
     lateral, weight, bias, top = _autocast(lateral, weight, bias, top)
     name = _resolve(backend, lateral)
     backends.announce_missing_once()
