@@ -16,4 +16,7 @@ TORCH_LIBRARY(fpn_kernels, m) {
       "fused_backward(Tensor grad_out, Tensor lateral, Tensor weight, int[] top_hw, str mode, "
       "float[]? scale_factor, bool channels_last, str index_kernel, bool[4] needs) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  // The CPU kernels' cache of freed output buffers (csrc/cpu/output_cache.cpp).
+  m.def("set_cpu_output_cache_limit(int limit_bytes) -> int");
+  m.def("cpu_output_cache_stats() -> int[]");
 }

@@ -3,16 +3,26 @@
 from typing import Any
 
 from .backends import BackendUnavailableError, available_backends, backend_report
+from .memory import (
+    CpuOutputCacheInfo,
+    cpu_output_cache_info,
+    empty_cpu_output_cache,
+    set_cpu_output_cache_limit,
+)
 from .ops import upsample_add_conv1x1
 from .reference import upsample_add_conv1x1_reference
 
 __all__ = [
     "BackendUnavailableError",
+    "CpuOutputCacheInfo",
     "FusedFPN",
     "available_backends",
     "backend_report",
     "convert",
+    "cpu_output_cache_info",
+    "empty_cpu_output_cache",
     "models",
+    "set_cpu_output_cache_limit",
     "upsample_add_conv1x1",
     "upsample_add_conv1x1_reference",
 ]

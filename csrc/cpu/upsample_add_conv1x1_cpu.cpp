@@ -7,7 +7,8 @@
 //      accumulates weight (C_out, C_in) @ lateral tile (C_in, P) onto it while the tile is hot
 //      in L2; half/bfloat16 operands go through fp32 copies of the tiles (C_in*P conversions
 //      against 2*C_out*C_in*P flops) and the fp32 tile is rounded once into the output.
-// The output is the only output-sized allocation.
+// The output is the only output-sized allocation (from csrc/cpu/output_cache: memory a dead
+// output of an earlier call left mapped).
 //
 // Backward (deterministic: fixed tiles and chunks, ordered reductions, no atomics, no
 // dependence on the thread count):
@@ -32,17 +33,18 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common/op_args.h"
+#include "cpu/output_cache.h"
 
 namespace fpn_kernels {
 namespace {
 
 // Target output pixels per forward/grad_lateral task: the C_out x ~1024 fp32 tile (1 MiB at
-// C_out = 256) stays in a core's L2 (2 MiB here) between the prologue and the GEMM.
+// C_out = 256) stays in a core's L2 between the prologue and the GEMM where L2 is 2 MiB (the
+// Xeon this was tuned on), in the shared L3 where it is smaller (the 512 KiB-L2 EPYC measured
+// on 2026-12-01, where 512- to 4096-pixel tiles did no better and 256 was 1.5-2x slower).
+// Also measured there: ~8 MiB chunks one after another, each one GEMM on MKL's own threads
+// with a parallel prologue, ran 5-15% slower than these per-thread tiles (fp32 and bf16).
 constexpr int64_t kTilePixels = 1024;
 // Target pixels per grad_weight chunk (the GEMM's reduction length); fixed by the shape, so sums
 // never depend on the thread count.
@@ -195,23 +197,6 @@ struct Tiles {
 
 // --------------------------------------------------------------------------- forward
 
-// A fresh output of ~100 MB is first touched by the kernel itself: with 4 KiB pages that is
-// tens of thousands of page faults (measured here: ~30 ms of a ~125 ms P2 forward). Asking for
-// transparent huge pages on this one untouched buffer (where the kernel allows it, e.g. THP
-// "madvise" mode) makes the first touch ~500x fewer faults. Advisory only: on failure, or on
-// other systems, nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // The forward writes bias + gathered top into the output tile first (the "prologue"), then
 // the GEMM accumulates onto it (beta = 1): the tile is touched by one streaming pass and the
 // GEMM's own store, instead of a GEMM store plus a read-modify-write epilogue pass.
@@ -311,10 +296,9 @@ at::Tensor fused_forward_cpu(const at::Tensor& lateral, const at::Tensor& weight
                                            std::string_view(index_kernel.data(), index_kernel.size()),
                                            lateral.scalar_type() == at::kDouble);
   const AxisTables rows = axis_tables(g.rows, false), cols = axis_tables(g.cols, false);
-  at::Tensor out = at::empty({s.n, s.c_out, s.h, s.w},
-                             lateral.options().memory_format(memory_format(channels_last)));
+  at::Tensor out = empty_output({s.n, s.c_out, s.h, s.w}, lateral.scalar_type(),
+                                memory_format(channels_last));
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lateral.scalar_type(),
                                   "fused_forward_cpu", [&] {
     forward_kernel<scalar_t>(s, lateral.const_data_ptr<scalar_t>(), weight,
@@ -473,8 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   const auto none = at::empty({0}, opts);
   at::Tensor grad_lateral = none, grad_weight = none, grad_bias = none, grad_top = none;
   if (needs[0]) {
-    grad_lateral = at::empty(lateral.sizes(), opts.memory_format(fmt));
-    advise_huge_pages(grad_lateral);
+    grad_lateral = empty_output(lateral.sizes(), lateral.scalar_type(), fmt);
   }
   if (needs[3]) grad_top = at::empty({s.n, s.c_out, s.top_h, s.top_w}, opts.memory_format(fmt));
 
