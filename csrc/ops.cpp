@@ -19,4 +19,6 @@ TORCH_LIBRARY(fpn_kernels, m) {
   // The CPU kernels' cache of freed output buffers (csrc/cpu/output_cache.cpp).
   m.def("set_cpu_output_cache_limit(int limit_bytes) -> int");
   m.def("cpu_output_cache_stats() -> int[]");
+  // Threads at::parallel_for runs on inside the CPU kernels (csrc/cpu/parallel_threads.cpp).
+  m.def("cpu_parallel_threads() -> int");
 }

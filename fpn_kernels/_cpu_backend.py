@@ -11,6 +11,16 @@ def unavailable_reason() -> str | None:
     return _cpp.load("_C")
 
 
+def details() -> str:
+    """How the kernels run here: the threads their at::parallel_for gets (one when the extension
+    was built without the OpenMP that torch's parallel backend needs)."""
+    threads, wanted = torch.ops.fpn_kernels.cpu_parallel_threads(), torch.get_num_threads()
+    text = f"at::parallel_for on {threads} of {wanted} intra-op threads"
+    if threads < wanted:
+        text += " (built without OpenMP: the kernels' tiles run one after another)"
+    return text
+
+
 def forward(lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel):
     return torch.ops.fpn_kernels.fused_forward(
         lateral, weight, bias, top, mode, scale_factor, channels_last, index_kernel

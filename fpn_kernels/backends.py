@@ -146,7 +146,11 @@ def backend_report() -> str:
     lines = []
     for name, b in BACKENDS.items():
         reason = b.unavailable_reason
-        lines.append(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        if reason is not None:
+            lines.append(f"{name:7s} unavailable: {reason}")
+        else:
+            details = getattr(b.impl, "details", None)
+            lines.append(f"{name:7s} available" + (f" ({details()})" if details else ""))
     return "\n".join(lines)
 
 

@@ -11,6 +11,8 @@ import torch
 from _differential import assert_matches, eager_gather, forward_backward, gradient_scales, op
 from conftest import fused_backends, make_inputs
 
+import fpn_kernels
+
 OUTPUTS = ("out", "lateral", "weight", "bias", "top")
 
 # (n, c_in, c_out, out_hw, top_hw): several tiles, chunks and C_out row blocks per call, so work
@@ -28,8 +30,20 @@ THREAD_CASES = {
 
 
 # These shapes once showed MKL splitting a GEMM's reduction by its thread count (torch runs MKL
-# with mkl_set_dynamic(false)); csrc/cpu now runs each of its GEMMs with MKL pinned to one
-# thread, so every output must be bitwise equal between 1 and 2 threads.
+# with mkl_set_dynamic(false)); csrc/cpu gives GEMMs with small outputs their reduction in fixed
+# slices (`matmul`), so every output must be bitwise equal between 1 and 2 threads.
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernels_get_every_intra_op_thread(restore_num_threads, threads):
+    """at::parallel_for is compiled into the extension: built without the OpenMP that torch's
+    parallel backend uses, it silently ran every tile on one thread (10-25% slower)."""
+    if "cpu" not in fused_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    torch.set_num_threads(threads)
+    assert torch.ops.fpn_kernels.cpu_parallel_threads() == threads
+    report = fpn_kernels.backend_report()
+    assert f"cpu     available (at::parallel_for on {threads} of {threads} intra-op" in report
 
 
 def run(backend, case, dtype, channels_last):

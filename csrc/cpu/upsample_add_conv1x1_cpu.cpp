@@ -26,6 +26,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -97,11 +98,15 @@ inline void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool
 // time: a thread that is slowed down (a busy machine) takes fewer tiles instead of making the
 // others wait, as at::parallel_for's static split would. Every task's result depends on the
 // task alone, so the bits do not depend on which thread ran it.
+// Tasks that call ATen ops (the GEMMs) run them in the caller's thread-local state: below
+// autograd like the caller, which at::parallel_for's worker threads would not be.
 template <typename Fn>
 void parallel_tasks(int64_t tasks, const Fn& fn) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t task = next++; task < tasks; task = next++) fn(task);
   });
 }
@@ -341,10 +346,10 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
 
 // grad_weight (C_out, C_in) = sum over pixel chunks, in order, of grad_chunk (C_out, P) @
 // lateral_chunk^T (P, C_in). Each chunk's GEMM is called from this thread and uses MKL's own
-// threads over the (C_out, C_in) output: inside a parallel region of ours MKL (run by torch
-// with dynamic threads off) still plans for all threads and ran this ~2.5x slower. The chunk
-// order is fixed and small outputs take matmul's fixed reduction slices, so the bits do not
-// depend on the thread count.
+// threads over the (C_out, C_in) output. The chunk order is fixed and small outputs take
+// matmul's fixed reduction slices, so the bits do not depend on the thread count. (A per-thread
+// split of the chunks was once measured ~2.5x slower, but in a build whose at::parallel_for ran
+// serially (no OpenMP, see setup.py): that comparison is worth redoing.)
 template <typename scalar_t>
 void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
                         at::Tensor& weight_acc, bool channels_last) {
