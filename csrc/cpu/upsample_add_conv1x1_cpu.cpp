@@ -42,10 +42,10 @@ namespace {
 
 // Target output pixels per forward/grad_lateral task: the C_out x ~1024 fp32 tile (1 MiB at
 // C_out = 256) stays in a core's L2 between the prologue and the GEMM where L2 is 2 MiB (the
-// Xeon this was tuned on), in the shared L3 where it is smaller (the 512 KiB-L2 EPYC measured
-// on 2026-12-01, where 512- to 4096-pixel tiles did no better and 256 was 1.5-2x slower).
-// Also measured there: ~8 MiB chunks one after another, each one GEMM on MKL's own threads
-// with a parallel prologue, ran 5-15% slower than these per-thread tiles (fp32 and bf16).
+// Xeon this was tuned on), in the shared L3 where it is smaller (on the 512 KiB-L2 EPYC of
+// 2026-12-01, 512-pixel tiles measured the same). Also measured there: per-thread tiles beat
+// the same tiles run one after another with each GEMM on MKL's threads by 10-25%, and ~8 MiB
+// chunks one after another on MKL's threads did worse than either.
 constexpr int64_t kTilePixels = 1024;
 // Target pixels per grad_weight chunk (the GEMM's reduction length); fixed by the shape, so sums
 // never depend on the thread count.
