@@ -187,7 +187,8 @@ def plot(result: dict, path: str | Path) -> None:
         ax.set_xticks(range(len(levels)), levels)
         ax.set_ylabel(f"speedup over {baseline}")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, ncols=min(4, len(impls)))
+        ax.margins(y=0.25)  # headroom, so the legend does not cover the bars' labels
+        ax.legend(fontsize=8, ncols=min(4, len(impls)), loc="upper left")
     fig.suptitle(machine_line(result), fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=120)
