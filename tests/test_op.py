@@ -240,6 +240,11 @@ def test_package_works_without_the_extension():
         assert len(messages) == 1, messages
         assert "cpu" not in fpn_kernels.available_backends()
         assert "eager" in fpn_kernels.available_backends()
+        try:
+            fpn_kernels.cpu_output_cache_info()
+            raise AssertionError("the cache's API worked without the extension")
+        except fpn_kernels.BackendUnavailableError as exc:
+            assert "backend 'cpu' is unavailable" in str(exc), exc
         print(messages[0])
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
