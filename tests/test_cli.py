@@ -245,3 +245,12 @@ def test_bench_adds_the_end_to_end_neck_rows(tmp_path, small_peaks, monkeypatch)
     assert neck[bench.NECK_BASELINE]["speedup_vs_eager"] == 1.0
     assert neck["fused"]["max_abs_err"] < 1e-3  # five output levels after 3x3 convs, fp32
     assert neck["fused"]["median_ms"] > 0 and neck["fused"]["gflops"] is None
+
+
+def test_cpu_reduced_precision_peak_is_at_least_float32s(monkeypatch):
+    """Without bf16 instructions torch.mm emulates bf16 at ~0.3 GFLOP/s (the EPYC here): a peak
+    that low would rate every bf16 kernel at thousands of percent."""
+    measured = {torch.float32: 150.0, torch.bfloat16: 0.3, torch.float16: 200.0}
+    monkeypatch.setattr(machine, "_gemm_gflops", lambda dtype, device, size: measured[dtype])
+    peaks = machine.measure_peaks("cpu", [torch.bfloat16, torch.float16])
+    assert peaks.gemm_gflops == {"bfloat16": 150.0, "float16": 200.0}
