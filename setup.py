@@ -60,6 +60,8 @@ def _openmp_flags() -> list[str]:
     return ["/openmp"] if os.name == "nt" else ["-fopenmp"]
 
 
+OPENMP_FLAGS = _openmp_flags()
+
 # Headers count as sources for setuptools' up-to-date check (ninja tracks them itself).
 HEADERS = _sources("csrc/common/*.h") + _sources("csrc/cpu/*.h")
 
@@ -69,8 +71,8 @@ ext_modules = [] if os.environ.get("FPN_KERNELS_NO_EXTENSIONS") == "1" else [
         _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc")],
         depends=HEADERS,
-        extra_compile_args={"cxx": CXX_FLAGS + _openmp_flags()},
-        extra_link_args=[flag for flag in _openmp_flags() if flag.startswith("-")],
+        extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+        extra_link_args=[] if os.name == "nt" else OPENMP_FLAGS,
     )
 ]
 if ext_modules and _want_cuda():

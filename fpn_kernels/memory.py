@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _cpp
-from .backends import BackendUnavailableError
+from .backends import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,7 @@ class CpuOutputCacheInfo:
 
 
 def _ops():
-    reason = _cpp.load("_C")
-    if reason is not None:
-        raise BackendUnavailableError(f"backend 'cpu' is unavailable: {reason}")
+    BACKENDS["cpu"].impl  # noqa: B018 - loads the extension, or raises saying why it is missing
     return torch.ops.fpn_kernels
 
 
