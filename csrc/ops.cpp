@@ -21,4 +21,6 @@ TORCH_LIBRARY(fpn_kernels, m) {
   m.def("cpu_output_cache_stats() -> int[]");
   // Threads at::parallel_for runs on inside the CPU kernels (csrc/cpu/parallel_threads.cpp).
   m.def("cpu_parallel_threads() -> int");
+  // Whether the CPU kernels' bfloat16 GEMMs run on AMX tiles here (csrc/cpu/amx_gemm.cpp).
+  m.def("cpu_amx_bf16_gemm() -> bool");
 }

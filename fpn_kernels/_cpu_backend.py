@@ -13,11 +13,18 @@ def unavailable_reason() -> str | None:
 
 def details() -> str:
     """How the kernels run here: the threads their at::parallel_for gets (one when the extension
-    was built without the OpenMP that torch's parallel backend needs)."""
+    was built without the OpenMP that torch's parallel backend needs), and how bfloat16 tiles
+    are multiplied (on AMX tiles where the CPU has AMX-BF16 and oneDNN is enabled)."""
     threads, wanted = torch.ops.fpn_kernels.cpu_parallel_threads(), torch.get_num_threads()
     text = f"at::parallel_for on {threads} of {wanted} intra-op threads"
     if threads < wanted:
         text += " (built without OpenMP: the kernels' tiles run one after another)"
+    if torch.ops.fpn_kernels.cpu_amx_bf16_gemm():
+        text += "; bfloat16 GEMMs on AMX tiles via oneDNN's brgemm"
+    else:
+        why = ("torch.backends.mkldnn is disabled" if not torch.backends.mkldnn.enabled
+               else "no AMX-BF16 on this CPU")
+        text += f"; bfloat16 GEMMs as float32: {why}"
     return text
 
 

@@ -91,6 +91,25 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "float8" in capsys.readouterr().err
 
 
+def test_layout_and_mode_lists_take_both_as_their_help_says(capsys):
+    """`--layout both` / `--mode both` (the help's words) once failed as an unknown name."""
+    args = bench.build_parser().parse_args(["--layout", "both", "--mode", "both"])
+    assert args.layout == ["nchw", "channels_last"]
+    assert args.mode == ["fwd", "fwd+bwd"]
+    assert bench.build_parser().parse_args(["--layout", "channels_last,nchw"]).layout == [
+        "channels_last", "nchw"]
+    assert cases.parse_names("nchw, both", cases.LAYOUTS) == ["nchw", "channels_last"]
+    with pytest.raises(ValueError, match="or both; got 'nhwc'"):
+        cases.parse_names("nhwc", cases.LAYOUTS)
+    with pytest.raises(ValueError, match="got ','"):
+        cases.parse_names(",", cases.LAYOUTS)
+    with pytest.raises(SystemExit, match="--layout: expected a comma list of nchw, channels_last"):
+        check.main(["--layout", "nhwc"])
+    with pytest.raises(SystemExit):
+        bench.main(["--dtype", "both"])  # four dtypes: "both" means nothing there
+    assert "got 'both'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- pieces
 
 

@@ -3,10 +3,12 @@
 // Forward, per task = (image n, tile of ~kTilePixels output pixels, whole rows where they fit):
 //   1. the prologue: bias + top[src_row(y), src_col(x)] written into the output tile (float/
 //      double) or, for bfloat16/half, into an fp32 tile;
-//   2. one GEMM (at::mm_out on views of the tiles: torch's own BLAS, MKL in the x86 wheels)
-//      accumulates weight (C_out, C_in) @ lateral tile (C_in, P) onto it while the tile is hot
-//      in L2; half/bfloat16 operands go through fp32 copies of the tiles (C_in*P conversions
-//      against 2*C_out*C_in*P flops) and the fp32 tile is rounded once into the output.
+//   2. one GEMM (TileGemm) accumulates weight (C_out, C_in) @ lateral tile (C_in, P) onto it
+//      while the tile is hot in L2: at::mm_out on views of the tiles (torch's own BLAS, MKL in
+//      the x86 wheels), or for bfloat16 on AMX CPUs oneDNN's brgemm ukernel on the bf16 tiles
+//      (csrc/cpu/amx_gemm.h). Otherwise half/bfloat16 operands go through fp32 copies of the
+//      tiles (C_in*P conversions against 2*C_out*C_in*P flops). A half/bfloat16 sum is built
+//      in an fp32 tile and rounded once into the output.
 // The output is the only output-sized allocation (from csrc/cpu/output_cache: memory a dead
 // output of an earlier call left mapped).
 //
@@ -32,9 +34,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/op_args.h"
+#include "cpu/amx_gemm.h"
 #include "cpu/output_cache.h"
 
 namespace fpn_kernels {
@@ -110,6 +114,136 @@ void parallel_tasks(int64_t tasks, const Fn& fn) {
     for (int64_t task = next++; task < tasks; task = next++) fn(task);
   });
 }
+
+// One image's pixel tile [p0, p0 + np) of a buffer of `channels` channels: NCHW holds it as
+// `channels` rows of np pixels (row stride H*W), channels_last as np rows of `channels`.
+template <typename T>
+struct Tile {
+  T* data;
+  int64_t ld;  // row stride
+};
+
+template <typename T>
+Tile<T> pixel_tile(T* base, int64_t n, int64_t p0, int64_t channels, int64_t hw,
+                   bool channels_last) {
+  if (channels_last) return {base + (n * hw + p0) * channels, channels};
+  return {base + n * channels * hw + p0, hw};
+}
+
+// Where a task builds the sum for its output tile (np pixels x `channels`): in the tile itself
+// for float/double; for half/bfloat16 in an fp32 scratch tile that store() rounds into the
+// output, the one rounding. `amx`: the tile's GEMM runs on AMX, so the CPU has AVX-512 and the
+// bfloat16 rounding takes amx::round_to_bf16 (ATen's copy_ dispatches to its AVX2 kernel).
+template <typename scalar_t>
+struct AccTile {
+  AccTile(Tile<scalar_t> out, int64_t np, int64_t channels, bool channels_last, bool amx)
+      : out(out),
+        rows(channels_last ? np : channels),
+        cols(channels_last ? channels : np),
+        amx(amx) {
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      data = out.data;
+      ld = out.ld;
+    } else {
+      // Per thread and reused by its next tiles and calls (a tile's worth of fp32, 1 MiB at
+      // C = 256), instead of a fresh buffer per tile.
+      thread_local std::unique_ptr<float[]> scratch;
+      thread_local int64_t capacity = 0;
+      if (capacity < rows * cols) {
+        scratch = std::make_unique_for_overwrite<float[]>(rows * cols);
+        capacity = rows * cols;
+      }
+      data = scratch.get();
+      ld = cols;
+    }
+  }
+  void store() const {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (amx) {
+        for (int64_t r = 0; r < rows; ++r) {
+          amx::round_to_bf16(data + r * ld, out.data + r * out.ld, cols);
+        }
+        return;
+      }
+    }
+    if constexpr (!kAccumulatesInPlace<scalar_t>) {
+      view2d(out.data, rows, cols, out.ld, 1).copy_(view2d(data, rows, cols, ld, 1));
+    }
+  }
+  Tile<scalar_t> out;
+  int64_t rows, cols;
+  bool amx;
+  acc_t<scalar_t>* data;
+  int64_t ld;
+};
+
+// The GEMM of one pixel tile against a fixed matrix F (the weight or its transpose), in the
+// tile's layout; c is the tile's sum (accumulation precision, row stride ldc):
+//   NCHW:          c (F rows x np) [+]= F (F rows x K) @ tile (K x np);
+//   channels_last: c (np x F cols) [+]= tile (np x K) @ F (K x F cols).
+// bfloat16 runs on AMX tiles where amx::usable says so (F is packed once per call, an NCHW tile
+// once per task); everything else goes through matmul (MKL), half/bfloat16 as fp32 copies.
+template <typename scalar_t>
+class TileGemm {
+ public:
+  TileGemm(const at::Tensor& fixed, bool channels_last)
+      : channels_last_(channels_last),
+        k_(channels_last ? fixed.size(0) : fixed.size(1)),
+        f_rows_(fixed.size(0)),
+        f_cols_(fixed.size(1)) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) use_amx_ = amx::usable(k_);
+    if (!use_amx_) {
+      fixed_acc_ = as_acc(fixed);  // a view for float/double, an fp32 copy for half/bfloat16
+      return;
+    }
+    if (!channels_last) {
+      fixed_ = fixed.contiguous();  // the A operand, read in place
+    } else if (fixed.stride(0) == 1) {  // weight^T: a transposed view of the weight
+      packed_fixed_.pack_transposed(fixed.const_data_ptr<at::BFloat16>(), f_rows_, f_cols_,
+                                    fixed.stride(1));
+    } else {
+      const at::Tensor rows_contiguous = fixed.contiguous();
+      packed_fixed_.pack(rows_contiguous.const_data_ptr<at::BFloat16>(), f_rows_, f_cols_,
+                         f_cols_);
+    }
+  }
+
+  bool uses_amx() const { return use_amx_; }
+
+  void run(Tile<const scalar_t> tile, int64_t np, acc_t<scalar_t>* c, int64_t ldc,
+           bool accumulate) const {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (use_amx_) {
+        if (channels_last_) {
+          amx::gemm(tile.data, np, tile.ld, packed_fixed_, c, ldc, accumulate);
+        } else {
+          // Per thread, reused by its next tiles and calls: at most K x 1024 bf16 (4 MiB at
+          // C_in = 2048), instead of a fresh, page-faulting buffer per tile.
+          thread_local amx::PackedB packed_tile;
+          packed_tile.pack(tile.data, k_, np, tile.ld);
+          amx::gemm(fixed_.const_data_ptr<at::BFloat16>(), f_rows_, k_, packed_tile, c, ldc,
+                    accumulate);
+        }
+        return;
+      }
+    }
+    if (channels_last_) {
+      at::Tensor c_view = view2d(c, np, f_cols_, ldc, 1);
+      matmul(c_view, as_acc(view2d(tile.data, np, k_, tile.ld, 1)), fixed_acc_, accumulate);
+    } else {
+      at::Tensor c_view = view2d(c, f_rows_, np, ldc, 1);
+      matmul(c_view, fixed_acc_, as_acc(view2d(tile.data, k_, np, tile.ld, 1)), accumulate);
+    }
+  }
+
+ private:
+  bool channels_last_;
+  int64_t k_, f_rows_, f_cols_;
+  bool use_amx_ = false;
+  at::Tensor fixed_acc_;        // MKL path: F in accumulation precision
+  at::Tensor fixed_;            // AMX path, NCHW: F contiguous (bf16)
+  amx::PackedB packed_fixed_;  // AMX path, channels_last: F packed
+};
 
 // Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.
 // The gather's shape, recognised from the table (not re-derived): FPN's common cases get
@@ -234,20 +368,27 @@ void prologue_nchw(const Shape& s, int64_t n, int64_t p0, int64_t np, acc_t<scal
   }
 }
 
-// c[p, o] = bias[o] + top[n, src_row(y), src_col(x), o] (channels_last: contiguous C_out rows).
+// c[p, o] = bias[o] + top[n, src_row(y), src_col(x), o] (channels_last: contiguous C_out rows);
+// bias already in accumulation precision (or null). `amx`: AVX-512 is there (see AccTile).
 template <typename scalar_t>
 void prologue_channels_last(const Shape& s, int64_t n, int64_t p0, int64_t np,
-                            acc_t<scalar_t>* c, const scalar_t* bias, const scalar_t* top,
-                            const AxisTables& rows, const AxisTables& cols) {
+                            acc_t<scalar_t>* c, const acc_t<scalar_t>* bias,
+                            const scalar_t* top, const AxisTables& rows, const AxisTables& cols,
+                            bool amx) {
   using acc_type = acc_t<scalar_t>;
   for (int64_t p = p0; p < p0 + np; ++p) {
     const int64_t y = p / s.w, x = p - y * s.w;
     const scalar_t* __restrict__ top_pixel =
         top + ((n * s.top_h + rows.src[y]) * s.top_w + cols.src[x]) * s.c_out;
     acc_type* __restrict__ dst = c + (p - p0) * s.c_out;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (amx) {
+        amx::widen_add(top_pixel, bias, dst, s.c_out);
+        continue;
+      }
+    }
     if (bias) {
-      for (int64_t o = 0; o < s.c_out; ++o)
-        dst[o] = static_cast<acc_type>(bias[o]) + static_cast<acc_type>(top_pixel[o]);
+      for (int64_t o = 0; o < s.c_out; ++o) dst[o] = bias[o] + static_cast<acc_type>(top_pixel[o]);
     } else {
       for (int64_t o = 0; o < s.c_out; ++o) dst[o] = static_cast<acc_type>(top_pixel[o]);
     }
@@ -258,34 +399,28 @@ template <typename scalar_t>
 void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& weight,
                     const scalar_t* bias, const scalar_t* top, at::Tensor& out,
                     bool channels_last, const AxisTables& rows, const AxisTables& cols) {
-  using acc = acc_t<scalar_t>;
   const int64_t hw = s.pixels();
   const Tiles tiles(s.h, s.w, kTilePixels);
-  const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
+  // NCHW: out_tile (C_out, P) += weight (C_out, C_in) @ lateral_tile (C_in, P);
+  // channels_last: out_tile (P, C_out) += lateral_tile (P, C_in) @ weight^T (C_in, C_out).
+  const TileGemm<scalar_t> gemm(channels_last ? weight.t() : weight, channels_last);
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  std::vector<acc_t<scalar_t>> bias_values;  // channels_last reads bias once per pixel
+  if (bias) bias_values.assign(bias, bias + s.c_out);
+  const acc_t<scalar_t>* bias_acc = bias ? bias_values.data() : nullptr;
   parallel_tasks(s.n * tiles.per_image, [&](int64_t task) {
     const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
-    // The output tile, and where the fp32 sum is built (the tile itself for float/double).
-    at::Tensor out_tile, c;
+    const AccTile<scalar_t> sum(pixel_tile(out_data, n, p0, s.c_out, hw, channels_last), np,
+                                s.c_out, channels_last, gemm.uses_amx());
     if (!channels_last) {
-      // out_tile (C_out, P) += weight (C_out, C_in) @ lateral_tile (C_in, P).
-      out_tile = view2d(out_data + n * s.c_out * hw + p0, s.c_out, np, hw, 1);
-      c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({s.c_out, np}, weight_acc.options());
-      prologue_nchw<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), c.stride(0), bias, top,
-                              rows, cols);
-      matmul(c, weight_acc, as_acc(view2d(lateral + n * s.c_in * hw + p0, s.c_in, np, hw, 1)),
-             /*accumulate=*/true);
+      prologue_nchw<scalar_t>(s, n, p0, np, sum.data, sum.ld, bias, top, rows, cols);
     } else {
-      // out_tile (P, C_out) += lateral_tile (P, C_in) @ weight^T (C_in, C_out).
-      const int64_t pixel = n * hw + p0;
-      out_tile = view2d(out_data + pixel * s.c_out, np, s.c_out, s.c_out, 1);
-      c = kAccumulatesInPlace<scalar_t> ? out_tile : at::empty({np, s.c_out}, weight_acc.options());
-      prologue_channels_last<scalar_t>(s, n, p0, np, c.mutable_data_ptr<acc>(), bias, top, rows,
-                                       cols);
-      matmul(c, as_acc(view2d(lateral + pixel * s.c_in, np, s.c_in, s.c_in, 1)),
-             weight_acc.t(), /*accumulate=*/true);
+      prologue_channels_last<scalar_t>(s, n, p0, np, sum.data, bias_acc, top, rows, cols,
+                                       gemm.uses_amx());
     }
-    if (!kAccumulatesInPlace<scalar_t>) out_tile.copy_(c);  // the one rounding
+    gemm.run(pixel_tile(lateral, n, p0, s.c_in, hw, channels_last), np, sum.data, sum.ld,
+             /*accumulate=*/true);
+    sum.store();
   });
 }
 
@@ -320,27 +455,17 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
                          at::Tensor& grad_lateral, bool channels_last) {
   const int64_t hw = s.pixels();
   const Tiles tiles(s.h, s.w, kTilePixels);
-  const at::Tensor weight_acc = as_acc(weight);  // (C_out, C_in)
-  scalar_t* grad_lat = grad_lateral.mutable_data_ptr<scalar_t>();
+  // NCHW: grad_lateral_tile (C_in, P) = weight^T (C_in, C_out) @ grad_tile (C_out, P);
+  // channels_last: grad_lateral_tile (P, C_in) = grad_tile (P, C_out) @ weight (C_out, C_in).
+  const TileGemm<scalar_t> gemm(channels_last ? weight : weight.t(), channels_last);
+  scalar_t* grad_lateral_data = grad_lateral.mutable_data_ptr<scalar_t>();
   parallel_tasks(s.n * tiles.per_image, [&](int64_t task) {
     const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
-    at::Tensor dst;
-    if (!channels_last) {
-      // grad_lat_tile (C_in, P) = weight^T (C_in, C_out) @ grad_tile (C_out, P).
-      const at::Tensor grad = as_acc(view2d(grad_out + n * s.c_out * hw + p0, s.c_out, np, hw, 1));
-      dst = view2d(grad_lat + n * s.c_in * hw + p0, s.c_in, np, hw, 1);
-      at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({s.c_in, np}, grad.options());
-      matmul(c, weight_acc.t(), grad, false);
-      if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
-    } else {
-      // grad_lat_tile (P, C_in) = grad_tile (P, C_out) @ weight (C_out, C_in).
-      const int64_t pixel = n * hw + p0;
-      const at::Tensor grad = as_acc(view2d(grad_out + pixel * s.c_out, np, s.c_out, s.c_out, 1));
-      dst = view2d(grad_lat + pixel * s.c_in, np, s.c_in, s.c_in, 1);
-      at::Tensor c = kAccumulatesInPlace<scalar_t> ? dst : at::empty({np, s.c_in}, grad.options());
-      matmul(c, grad, weight_acc, false);
-      if (!kAccumulatesInPlace<scalar_t>) dst.copy_(c);
-    }
+    const AccTile<scalar_t> sum(pixel_tile(grad_lateral_data, n, p0, s.c_in, hw, channels_last),
+                                np, s.c_in, channels_last, gemm.uses_amx());
+    gemm.run(pixel_tile(grad_out, n, p0, s.c_out, hw, channels_last), np, sum.data, sum.ld,
+             /*accumulate=*/false);
+    sum.store();
   });
 }
 

@@ -35,15 +35,12 @@ from .timing import Timing, TimingPolicy, time_all
 NECK_BASELINE, NECK_COMPILE = "torchvision", "torchvision+compile"
 
 
-def _csv(choices: Iterable[str] | None = None) -> Callable[[str], list[str]]:
+def _csv(choices: Iterable[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if choices is not None:
-            bad = [item for item in items if item not in choices]
-            if bad:
-                raise argparse.ArgumentTypeError(
-                    f"expected a comma list of {', '.join(choices)}; got {', '.join(bad)}")
-        return items
+        try:
+            return cases.parse_names(text, list(choices))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return parse
 
 

@@ -27,6 +27,25 @@ EAGER, COMPILE = "eager", "compile"
 OP_EAGER = "op-eager"  # the "eager" backend through the op: not to be confused with EAGER
 DIRECTIONS = ("fwd", "fwd+bwd")
 LAYOUTS = ("nchw", "channels_last")
+
+
+def parse_names(text: str, allowed: Sequence[str]) -> list[str]:
+    """The names of a comma list, each one of ``allowed``; "both" stands for the two of a
+    two-name list (``--layout both``, ``--mode both``). Raises ValueError naming what came."""
+    names: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if item == "both" and len(allowed) == 2:
+            names += [n for n in allowed if n not in names]
+        elif item in allowed:
+            names += [] if item in names else [item]
+        elif item:
+            raise ValueError(f"expected a comma list of {', '.join(allowed)}"
+                             + (" or both" if len(allowed) == 2 else "") + f"; got {item!r}")
+    if not names:
+        raise ValueError(f"expected a comma list of {', '.join(allowed)}; got {text!r}")
+    return names
+
+
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,

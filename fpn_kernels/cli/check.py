@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import backends, upsample_add_conv1x1, upsample_add_conv1x1_reference
 from ..precision import cudnn_conv_allows_tf32
-from .cases import DTYPES, LAYOUTS, Level, make_grad_out, make_inputs
+from .cases import DTYPES, LAYOUTS, Level, make_grad_out, make_inputs, parse_names
 
 # (atol, rtol) per precision on unit-scale data; atol grows with sqrt(number of summed terms)
 # for the gradients (`gradient_scale`). fp32 GEMMs summed in different orders differ by ~1e-6;
@@ -269,12 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _names(text: str, allowed: Sequence[str], flag: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        raise SystemExit(f"check: {flag}: expected a comma list of {', '.join(allowed)}, "
-                         f"got {text!r}")
-    return names
+    try:
+        return parse_names(text, allowed)
+    except ValueError as e:
+        raise SystemExit(f"check: {flag}: {e}") from None
 
 
 def main(argv: list[str]) -> int:

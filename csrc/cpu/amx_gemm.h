@@ -1,0 +1,54 @@
+// bfloat16 GEMMs with fp32 accumulation on AMX tiles (Sapphire Rapids and later), through
+// ATen's oneDNN brgemm ukernel (at::native::cpublas::brgemm, which torch's CPU flash attention
+// uses). Without it, the CPU kernels multiply bf16 tiles as fp32 copies with MKL: on the AMX
+// Xeon of 2026-12-01 that ran at ~80 GFLOP/s per core against ~300 for these GEMMs, and made
+// the fused bf16 P4 level slower than eager's oneDNN convolution.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <memory>
+
+namespace fpn_kernels::amx {
+
+// Whether these GEMMs run here with a reduction of length `k`: the CPU has AMX-BF16,
+// torch.backends.mkldnn is enabled (the switch that also moves eager's convolutions off
+// oneDNN), and k is even. The ukernel multiplies bf16 in pairs along k; on torch 2.14.1 an odd
+// k makes its generated code raise SIGILL, so odd reductions keep the fp32 path.
+bool available();
+bool usable(int64_t k);
+
+// B (k x n, row-major, row stride ldb) in the ukernel's layout: column blocks of kBlockN, each
+// k x kBlockN with pairs of rows interleaved. The buffer is reused by the next pack.
+class PackedB {
+ public:
+  static constexpr int64_t kBlockN = 64;  // the largest packed leading dimension oneDNN takes
+  void pack(const c10::BFloat16* b, int64_t k, int64_t n, int64_t ldb);
+  // The same for B = bt^T, bt (n x k) row-major with row stride ld_bt: the weight^T operand,
+  // packed straight from the weight (a transposed copy first cost ~3x as much).
+  void pack_transposed(const c10::BFloat16* bt, int64_t k, int64_t n, int64_t ld_bt);
+  int64_t k() const { return k_; }
+  int64_t n() const { return n_; }
+  const c10::BFloat16* block(int64_t j) const { return data_.get() + j * block_elems_; }
+
+ private:
+  c10::BFloat16* reserve(int64_t k, int64_t n);
+  std::unique_ptr<c10::BFloat16[]> data_;
+  int64_t capacity_ = 0, block_elems_ = 0, k_ = 0, n_ = 0;
+};
+
+// c (m x b.n(), fp32, row stride ldc) = [c +] a (m x b.k(), row-major, row stride lda) @ b.
+// Single-threaded and of fixed blocking: the bits depend on the shapes alone.
+void gemm(const c10::BFloat16* a, int64_t m, int64_t lda, const PackedB& b, float* c,
+          int64_t ldc, bool accumulate);
+
+// The element loops around these GEMMs, in AVX-512 (every AMX CPU has it; only these functions
+// are compiled for it, so the library still loads on any x86-64):
+//   widen_add:     dst[i] = bias[i] + float(src[i]), or float(src[i]) when bias is null;
+//   round_to_bf16: dst[i] = src[i] rounded to nearest even, NaN to 0x7fc0: c10::BFloat16(float).
+// Compiled for the SSE2 baseline they ran at about a third of the GEMM's time on the AMX Xeon.
+void widen_add(const c10::BFloat16* src, const float* bias, float* dst, int64_t n);
+void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n);
+
+}  // namespace fpn_kernels::amx

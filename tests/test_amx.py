@@ -1,0 +1,130 @@
+"""The cpu backend's bfloat16 GEMMs on AMX tiles (csrc/cpu/amx_gemm.h): on exactly the machines
+that have AMX-BF16 with oneDNN enabled, right against eager, and the same as the fp32 fallback
+that every other machine runs (``mkldnn_enabled(False)`` selects it here).
+
+Where the CPU has no AMX the AMX-path tests skip and say so; the fallback tests still run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from _differential import assert_matches, eager_gather, forward_backward, gradient_scales, op
+from conftest import fused_backends, make_inputs
+
+import fpn_kernels
+
+pytestmark = pytest.mark.skipif("cpu" not in fused_backends("cpu"),
+                                reason="the cpu backend is not built")
+
+
+def cpu_has_amx_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def amx_gemm() -> bool:
+    return bool(torch.ops.fpn_kernels.cpu_amx_bf16_gemm())
+
+
+@contextlib.contextmanager
+def mkldnn_enabled(enabled: bool):
+    """torch.backends.mkldnn.enabled for the block (its flags() context also sets oneDNN's TF32
+    switch, which warns on builds without Intel GPU support)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+needs_amx = pytest.mark.skipif(not cpu_has_amx_bf16(), reason="this CPU has no AMX-BF16")
+
+
+def test_amx_path_is_on_exactly_where_the_cpu_has_it():
+    assert amx_gemm() == (cpu_has_amx_bf16() and torch.backends.mkldnn.is_available())
+    with mkldnn_enabled(False):
+        assert not amx_gemm()
+
+
+def test_backend_report_says_how_bfloat16_multiplies():
+    report = fpn_kernels.backend_report()
+    if amx_gemm():
+        assert "bfloat16 GEMMs on AMX tiles" in report
+    else:
+        assert "bfloat16 GEMMs as float32" in report
+
+
+# (n, c_in, c_out, out_hw, top_hw): R50-FPN channel counts at small sizes; tails in every
+# blocked dimension (C_out 72 = 64 + 8 columns, 33-pixel rows, several 1024-pixel tiles); odd
+# reductions, which the AMX path leaves to the fp32 GEMM (odd C_in: forward; odd C_out:
+# grad_lateral).
+CASES = {
+    "r50_p4_channels": (1, 1024, 256, (13, 76), (7, 38)),
+    "r50_p2_channels": (2, 256, 256, (40, 66), (20, 33)),
+    "tails": (2, 48, 72, (33, 65), (17, 33)),
+    "odd_c_in": (1, 5, 64, (9, 20), (5, 10)),
+    "odd_c_out": (1, 32, 7, (9, 20), (5, 10)),
+    "c_in_2": (1, 2, 3, (4, 4), (2, 2)),
+}
+
+
+def run_case(case: str, channels_last: bool):
+    n, c_in, c_out, out_hw, top_hw = CASES[case]
+    inputs = make_inputs(n, c_in, c_out, out_hw, top_hw, dtype=torch.bfloat16,
+                         channels_last=channels_last, requires_grad=True)
+    grad_out = torch.randn(n, c_out, *out_hw, generator=torch.Generator().manual_seed(3))
+    grad_out = grad_out.to(torch.bfloat16)
+    return inputs, grad_out, forward_backward(op("cpu"), inputs, grad_out)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("amx", [pytest.param(True, marks=needs_amx), False],
+                         ids=["amx", "fp32-gemm"])
+def test_bfloat16_matches_eager(case, channels_last, amx):
+    with mkldnn_enabled(amx):
+        assert amx_gemm() == amx
+        inputs, grad_out, (out, grads) = run_case(case, channels_last)
+    want_out, want_grads = forward_backward(eager_gather, inputs, grad_out)
+    assert_matches(out, want_out, msg="forward")
+    n, _, c_out, out_hw, top_hw = CASES[case]
+    scales = gradient_scales(c_out, n, out_hw, top_hw)
+    for name, grad in grads.items():
+        assert_matches(grad, want_grads[name], scale=scales[name], msg=f"grad_{name}")
+
+
+@needs_amx
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_amx_and_fp32_gemm_agree_to_the_rounding(channels_last):
+    """Both accumulate exact bf16 products in fp32 and round once; only the order of the fp32
+    sums differs, so outputs differ by at most one bf16 ulp, and rarely."""
+    results = {}
+    for amx in (True, False):
+        with mkldnn_enabled(amx):
+            _, _, results[amx] = run_case("r50_p2_channels", channels_last)
+    for name, fast, slow in [("out", results[True][0], results[False][0]),
+                             ("grad_lateral", results[True][1]["lateral"],
+                              results[False][1]["lateral"])]:
+        ulp = torch.finfo(torch.bfloat16).eps * slow.float().abs().clamp_min(1.0)
+        assert ((fast.float() - slow.float()).abs() <= ulp).all(), name
+        assert (fast != slow).float().mean() < 0.01, name
+
+
+@needs_amx
+def test_amx_bits_do_not_depend_on_thread_count():
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            _, _, (out, grads) = run_case("tails", channels_last=False)
+            outs.append((out, grads["lateral"]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
