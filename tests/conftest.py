@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -22,6 +24,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} != {expected.shape}"
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=msg or None)
+
+
+@contextlib.contextmanager
+def torch_switch(owner, name: str, value):
+    """``owner.name = value`` for the block, then the previous value again: torch's global
+    switches (``torch.backends.cudnn.allow_tf32``, ``torch.backends.mkldnn.enabled``)."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
 
 
 def make_inputs(n=2, c_in=5, c_out=7, out_hw=(10, 19), top_hw=(5, 10), *, dtype=torch.float32,

@@ -6,12 +6,10 @@ Where the CPU has no AMX the AMX-path tests skip and say so; the fallback tests 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from _differential import assert_matches, eager_gather, forward_backward, gradient_scales, op
-from conftest import fused_backends, make_inputs
+from conftest import fused_backends, make_inputs, torch_switch
 
 import fpn_kernels
 
@@ -31,16 +29,10 @@ def amx_gemm() -> bool:
     return bool(torch.ops.fpn_kernels.cpu_amx_bf16_gemm())
 
 
-@contextlib.contextmanager
 def mkldnn_enabled(enabled: bool):
-    """torch.backends.mkldnn.enabled for the block (its flags() context also sets oneDNN's TF32
-    switch, which warns on builds without Intel GPU support)."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+    # Not torch.backends.mkldnn.flags(): it also sets oneDNN's TF32 switch, which warns on
+    # builds without Intel GPU support.
+    return torch_switch(torch.backends.mkldnn, "enabled", enabled)
 
 
 needs_amx = pytest.mark.skipif(not cpu_has_amx_bf16(), reason="this CPU has no AMX-BF16")

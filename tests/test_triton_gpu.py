@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, make_inputs
+from conftest import assert_close, make_inputs, torch_switch
 from triton_cases import CASES, DTYPES, Case, run_case
 
 from fpn_kernels import backends, upsample_add_conv1x1, upsample_add_conv1x1_reference
@@ -33,14 +33,8 @@ FPN_LEVELS = {
 }
 
 
-@contextlib.contextmanager
 def cudnn_tf32(allowed: bool):
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
+    return torch_switch(torch.backends.cudnn, "allow_tf32", allowed)
 
 
 @contextlib.contextmanager

@@ -50,11 +50,12 @@ void PackedB::pack(const c10::BFloat16* b, int64_t k, int64_t n, int64_t ldb) {
 
 void PackedB::pack_transposed(const c10::BFloat16* bt, int64_t k, int64_t n, int64_t ld_bt) {
   c10::BFloat16* out = reserve(k, n);
-  // The packed layout (what cpublas::pack writes, checked bit for bit when this was written):
-  // column block j holds, for each row pair i, its kBlockN columns as adjacent (b[2i][c],
-  // b[2i + 1][c]) pairs. In bt those pairs are adjacent already, (bt[c][2i], bt[c][2i + 1]):
-  // a block is a transpose of 32-bit words.
-  // Column blocks on the intra-op threads (this runs once per call, before the tiles).
+  // The packed layout is what cpublas::pack writes (compared bit for bit on torch 2.14.1; the
+  // channels_last forward packs this way and grad_lateral with cpublas::pack, so
+  // tests/test_amx.py fails if a torch update changes it): column block j holds, for each row
+  // pair i, its kBlockN columns as adjacent (b[2i][c], b[2i + 1][c]) pairs. In bt those pairs
+  // are adjacent already, (bt[c][2i], bt[c][2i + 1]): a block is a transpose of 32-bit words.
+  // Column blocks run on the intra-op threads (once per call, before the tiles).
   at::parallel_for(0, ceil_div(n, kBlockN), 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       // Written in order; the block's kBlockN rows of bt are read 16 pairs per cache line, so
