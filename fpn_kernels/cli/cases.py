@@ -32,6 +32,7 @@ LAYOUTS = ("nchw", "channels_last")
 def parse_names(text: str, allowed: Sequence[str]) -> list[str]:
     """The names of a comma list, each one of ``allowed``; "both" stands for the two of a
     two-name list (``--layout both``, ``--mode both``). Raises ValueError naming what came."""
+    expected = f"expected a comma list of {', '.join(allowed)}"
     names: list[str] = []
     for item in (t.strip() for t in text.split(",")):
         if item == "both" and len(allowed) == 2:
@@ -39,10 +40,10 @@ def parse_names(text: str, allowed: Sequence[str]) -> list[str]:
         elif item in allowed:
             names += [] if item in names else [item]
         elif item:
-            raise ValueError(f"expected a comma list of {', '.join(allowed)}"
-                             + (" or both" if len(allowed) == 2 else "") + f"; got {item!r}")
+            raise ValueError(expected + (" or both" if len(allowed) == 2 else "")
+                             + f"; got {item!r}")
     if not names:
-        raise ValueError(f"expected a comma list of {', '.join(allowed)}; got {text!r}")
+        raise ValueError(f"{expected}; got {text!r}")
     return names
 
 
