@@ -36,14 +36,27 @@ MODES = ("nearest", "nearest-exact")
 INDEX_KERNELS = ("cpu_channels_last", "cpu_generic", "cuda")
 
 
+def takes_vectorized_kernel(top: torch.Tensor) -> bool:
+    """Whether ATen's CPU ``F.interpolate(top)`` takes the vectorized (channels-last) kernel for
+    every output size: ``top`` is channels_last with more than 3 channels. Depends on the
+    layout and the channel count only, never on a spatial size, so it adds no guard on
+    symbolic H, W under ``torch.export`` / ``torch.compile(dynamic=True)``."""
+    return top.is_contiguous(memory_format=torch.channels_last) and top.shape[1] > 3
+
+
+def index_kernel_for(device_type: str, top_vectorized: bool, out_hw) -> str:
+    """Which ATen index computation runs, from the device, :func:`takes_vectorized_kernel` of
+    ``top`` and the output size. Call it only where sizes are concrete (inside a kernel): for
+    an NCHW ``top`` on CPU the answer depends on ``out_h + out_w``."""
+    if device_type != "cpu":
+        return "cuda"
+    vectorized = top_vectorized or int(out_hw[0]) + int(out_hw[1]) <= 128
+    return "cpu_channels_last" if vectorized else "cpu_generic"
+
+
 def aten_index_kernel(top: torch.Tensor, out_hw: tuple[int, int] | torch.Size) -> str:
     """Which ATen index computation ``F.interpolate(top, size=out_hw)`` runs for this ``top``."""
-    if top.device.type != "cpu":
-        return "cuda"
-    vectorized = (
-        top.is_contiguous(memory_format=torch.channels_last) and top.shape[1] > 3
-    ) or (int(out_hw[0]) + int(out_hw[1]) <= 128)
-    return "cpu_channels_last" if vectorized else "cpu_generic"
+    return index_kernel_for(top.device.type, takes_vectorized_kernel(top), out_hw)
 
 
 def nearest_scale(

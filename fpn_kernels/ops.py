@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .indexing import MODES, aten_index_kernel
+from .indexing import MODES, aten_index_kernel, index_kernel_for, takes_vectorized_kernel
 from .reference import upsample_add_conv1x1_reference
 
 # --------------------------------------------------------------------------- validation
@@ -69,14 +69,29 @@ def _normalize_scale_factor(
     pair = [float(s) for s in pair]
     if not all(math.isfinite(s) and s > 0 for s in pair):
         raise ValueError(f"scale_factor: expected finite values > 0, got {scale_factor!r}")
-    # F.interpolate's output size for a scale factor: floor(in * scale) (in float64).
-    got = [math.floor(float(i) * s) for i, s in zip(top_hw, pair, strict=True)]
-    if got != list(out_hw):
-        raise ValueError(
-            f"scale_factor: {scale_factor!r} upsamples top's {tuple(top_hw)} to {tuple(got)}, "
-            f"but lateral's spatial size is {tuple(out_hw)}"
-        )
+    # With symbolic sizes (torch.export, torch.compile(dynamic=True)) the check would specialize
+    # them; the op itself repeats it on concrete sizes (check_scale_factor_size in its kernel).
+    if all(isinstance(i, int) for i in (*top_hw, *out_hw)):
+        check_scale_factor_size(pair, top_hw, out_hw, given=scale_factor)
     return pair
+
+
+def check_scale_factor_size(
+    scale_factor: Sequence[float] | None, top_hw: Sequence[int], out_hw: Sequence[int],
+    given: object = None,
+) -> None:
+    """F.interpolate's output size for a scale factor is floor(in * scale) (in float64): it
+    must be lateral's size, or eager's add would fail. ``given``: the caller's own value, for
+    the message."""
+    if scale_factor is None:
+        return
+    got = [math.floor(float(i) * s) for i, s in zip(top_hw, scale_factor, strict=True)]
+    if got != [int(o) for o in out_hw]:
+        shown = list(scale_factor) if given is None else given
+        raise ValueError(
+            f"scale_factor: {shown!r} upsamples top's {tuple(top_hw)} to "
+            f"{tuple(got)}, but lateral's spatial size is {tuple(out_hw)}"
+        )
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -229,6 +244,7 @@ def _upsample_add_conv1x1(
     scale_factor: list[float] | None = None,
     backend: str = "auto",
 ) -> Tensor:
+    check_scale_factor_size(scale_factor, top.shape[2:], lateral.shape[2:])
     name = _resolve(backend, lateral)
     if name == "eager":  # the spec itself, on the caller's tensors as they are
         return upsample_add_conv1x1_reference(lateral, weight, bias, top, mode, scale_factor)
@@ -257,10 +273,14 @@ def _upsample_add_conv1x1_backward(
     mode: str,
     scale_factor: list[float] | None,
     backend: str,
-    index_kernel: str,
+    top_vectorized: bool,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``top_vectorized``: ``indexing.takes_vectorized_kernel`` of the forward's ``top``; with
+    the (here concrete) output size it gives the forward's ATen index computation, so the
+    backward is its exact adjoint for every size."""
     name = _resolve(backend, lateral)
+    index_kernel = index_kernel_for(lateral.device.type, top_vectorized, lateral.shape[2:])
     channels_last = is_channels_last(lateral)
     fmt = _memory_format(channels_last)
     grads = backends.BACKENDS[name].impl.backward(
@@ -282,7 +302,7 @@ def _upsample_add_conv1x1_backward(
 
 
 @_upsample_add_conv1x1_backward.register_fake
-def _(grad_out, lateral, weight, top_hw, mode, scale_factor, backend, index_kernel, needs):
+def _(grad_out, lateral, weight, top_hw, mode, scale_factor, backend, top_vectorized, needs):
     n, c_in, _, _ = lateral.shape
     c_out = weight.shape[0]
     fmt = _memory_format(is_channels_last(lateral))
@@ -304,9 +324,10 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.top_hw = list(top.shape[2:])
     ctx.mode, ctx.scale_factor, ctx.backend = mode, scale_factor, backend
-    # The backward is the exact adjoint of the forward's index mapping, so it keeps the
-    # forward's choice of ATen index computation.
-    ctx.index_kernel = aten_index_kernel(top, lateral.shape[2:])
+    # The backward is the exact adjoint of the forward's index mapping, so it makes the
+    # forward's choice of ATen index computation. That choice can depend on the output size,
+    # which may be symbolic here: only top's layout is recorded, the backward op decides.
+    ctx.top_vectorized = takes_vectorized_kernel(top)
 
 
 def _backward(ctx, grad_out):
@@ -317,7 +338,7 @@ def _backward(ctx, grad_out):
         return None, None, None, None, None, None, None
     g_lat, g_w, g_b, g_top = _upsample_add_conv1x1_backward(
         grad_out, lateral, weight, ctx.top_hw, ctx.mode, ctx.scale_factor, ctx.backend,
-        ctx.index_kernel, needs,
+        ctx.top_vectorized, needs,
     )
     return (
         g_lat if needs[0] else None,

@@ -60,12 +60,6 @@ def upsample_add_conv1x1_reference_backward(
     return grad_lateral, grad_weight, grad_bias, grad_top
 
 
-def takes_vectorized_upsample(top: Tensor) -> bool:
-    """Whether ``F.interpolate(top)`` on CPU takes ATen's vectorized channels-last kernel for
-    any output size (channels_last with more than 3 channels); else that depends on the size."""
-    return top.is_contiguous(memory_format=torch.channels_last) and top.shape[1] > 3
-
-
 def source_pixel_map(
     top_hw: Sequence[int],
     out_hw: Sequence[int],
@@ -78,7 +72,7 @@ def source_pixel_map(
     """For every output pixel, the flat index of the top pixel eager's ``F.interpolate`` reads,
     probed through ``F.interpolate`` itself with a tensor that takes the same ATen kernel as the
     real ``top``: channels_last with 4 channels when ``vectorized_upsample``
-    (:func:`takes_vectorized_upsample`), else 1 NCHW channel (then the output size decides,
+    (``indexing.takes_vectorized_kernel``), else 1 NCHW channel (then the output size decides,
     as it does for ``top``); float64 math for float64 tensors, float32 otherwise."""
     h, w = top_hw
     channels = 4 if vectorized_upsample else 1
