@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_calls import fused_backward, fused_forward
 
 import fpn_kernels
 from fpn_kernels import _cpp, _cuda_backend, backends
@@ -310,14 +311,14 @@ def test_indices_match_eager_exactly(case, mode, channels_last, dtype):
     # grad_out: every window sum is exact, so grad_top equals the exact adjoint bit for bit.
     lateral, weight, _, top = _make(case, dtype, channels_last, bias=False)
     sf = case[7]
-    fused = torch.ops.fpn_kernels.fused_forward
-    out = fused(lateral, torch.zeros_like(weight[:, :, 0, 0]), None, top, mode, sf, channels_last)
+    out = fused_forward(lateral, torch.zeros_like(weight[:, :, 0, 0]), None, top, mode, sf,
+                        channels_last)
     assert torch.equal(out, _interpolate(top, lateral.shape[2:], mode, sf))
 
     g = torch.Generator().manual_seed(2)
     grad_out = torch.empty_like(out).copy_(torch.randint(-4, 5, out.shape, generator=g))
-    _, _, _, grad_top = torch.ops.fpn_kernels.fused_backward(
-        grad_out, lateral, weight[:, :, 0, 0].contiguous(), list(top.shape[2:]), mode, sf,
+    _, _, _, grad_top = fused_backward(
+        grad_out, lateral, weight[:, :, 0, 0].contiguous(), top.shape[2:], mode, sf,
         channels_last, [False, False, False, True],
     )
     assert torch.equal(grad_top.double(), _exact_grad_top(grad_out, top.shape[2:], mode, sf))
@@ -334,9 +335,9 @@ def test_backward_is_deterministic(channels_last, dtype):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     grad_out = torch.randn(3, 80, 60, 90, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     args = (grad_out, lateral, w2d, [30, 45], "nearest", None, channels_last, [True] * 4)
-    first = torch.ops.fpn_kernels.fused_backward(*args)
+    first = fused_backward(*args)
     for _ in range(3):
-        again = torch.ops.fpn_kernels.fused_backward(*args)
+        again = fused_backward(*args)
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
 
@@ -351,15 +352,15 @@ def test_runs_on_the_current_stream_under_graph_capture():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        eager = torch.ops.fpn_kernels.fused_forward(*args)
+        eager = fused_forward(*args)
         grad_out = torch.ones_like(eager)
         bargs = (grad_out, lateral, w2d, list(top.shape[2:]), "nearest", None, False, [True] * 4)
-        eager_grads = torch.ops.fpn_kernels.fused_backward(*bargs)
+        eager_grads = fused_backward(*bargs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = torch.ops.fpn_kernels.fused_forward(*args)
-        captured_grads = torch.ops.fpn_kernels.fused_backward(*bargs)
+        captured = fused_forward(*args)
+        captured_grads = fused_backward(*bargs)
     captured.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -386,7 +387,7 @@ def test_runs_on_the_tensors_device():
 def test_direct_calls_reject_bad_arguments():
     lateral, weight, bias, top = _make(CASES[0], torch.float32, False)
     w2d = weight[:, :, 0, 0].contiguous()
-    fused = torch.ops.fpn_kernels.fused_forward
+    fused = fused_forward
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         fused(lateral.double(), w2d.double(), None, top.double(), "nearest", None, False)
     with pytest.raises(RuntimeError, match="expected every tensor on cuda"):
@@ -458,7 +459,7 @@ def test_offsets_beyond_int32():
         expected = F.conv2d(lateral[:, :, rows].double(), weight.double(), bias.double())
         _assert_close(out[:, :, rows], expected + up.double(), torch.float16, str(rows))
     w2d = weight[:, :, 0, 0].contiguous()
-    grad_top = torch.ops.fpn_kernels.fused_backward(
+    grad_top = fused_backward(
         torch.ones_like(out), lateral, w2d, [side // 2, side // 2], "nearest", None, False,
         [False, False, False, True],
     )[3]

@@ -1,0 +1,67 @@
+"""The direct kernel calls of tests/fused_calls.py, run on CPU: the GPU tests call the CUDA
+kernels through the same two functions, so a schema change breaks these tests first."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close, make_inputs
+from fused_calls import fused_backward, fused_forward
+
+from fpn_kernels import _cpp
+from fpn_kernels.reference import (
+    upsample_add_conv1x1_reference,
+    upsample_add_conv1x1_reference_backward,
+)
+
+
+@pytest.fixture(autouse=True)
+def cpu_library():
+    reason = _cpp.load("_C")
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode,scale_factor", [("nearest", None), ("nearest-exact", None),
+                                               ("nearest", (2.05, 1.5))])
+def test_calls_match_the_reference(mode, scale_factor, channels_last):
+    out_hw, top_hw = ((20, 15), (10, 10)) if scale_factor else ((19, 75), (10, 38))
+    lateral, weight, bias, top = make_inputs(2, 6, 5, out_hw, top_hw, channels_last=channels_last)
+    w2d = weight[:, :, 0, 0].contiguous()
+    out = fused_forward(lateral, w2d, bias, top, mode, scale_factor, channels_last)
+    assert_close(out, upsample_add_conv1x1_reference(lateral, weight, bias, top, mode,
+                                                     scale_factor))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last
+                                   else torch.contiguous_format)
+    grads = fused_backward(grad_out, lateral, w2d, top_hw, mode, scale_factor, channels_last)
+    vectorized = channels_last or sum(out_hw) <= 128  # ATen's CPU kernel choice, as the helper
+    want = upsample_add_conv1x1_reference_backward(grad_out, lateral, w2d, top_hw, mode,
+                                                   scale_factor, vectorized_upsample=vectorized)
+    pixels = out_hw[0] * out_hw[1]
+    for name, got, expected, terms in zip(("lateral", "weight", "bias", "top"), grads, want,
+                                          (5, 2 * pixels, 2 * pixels, 8), strict=True):
+        assert_close(got, expected.reshape(got.shape), scale=math.sqrt(terms), msg=name)
+    only_top = fused_backward(grad_out, lateral, w2d, top_hw, mode, scale_factor,
+                              channels_last, needs=[False, False, False, True])
+    assert [g.numel() > 0 for g in only_top] == [False, False, False, True]
+    assert torch.equal(only_top[3], grads[3])
+
+
+def test_the_helpers_name_every_schema_argument():
+    for op, helper in ((torch.ops.fpn_kernels.fused_forward, fused_forward),
+                       (torch.ops.fpn_kernels.fused_backward, fused_backward)):
+        schema = [a.name for a in op.default._schema.arguments]
+        source = Path(__file__).with_name("fused_calls.py").read_text()
+        body = source[source.index(f"def {helper.__name__}("):]
+        for name in schema:
+            assert f"{name}=" in body, f"{helper.__name__} does not pass {name!r}"
+
+
+def test_gpu_tests_call_the_kernels_only_through_the_helpers():
+    source = Path(__file__).with_name("test_cuda_backend.py").read_text()
+    assert "torch.ops.fpn_kernels.fused_" not in source
