@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from . import export  # noqa: F401  (registers the ONNX routes of the op)
 from .backends import BackendUnavailableError, available_backends, backend_report
 from .memory import (
     CpuOutputCacheInfo,
