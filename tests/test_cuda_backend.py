@@ -19,10 +19,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torch_switch
 from fused_calls import fused_backward, fused_forward
 
 import fpn_kernels
 from fpn_kernels import _cpp, _cuda_backend, backends
+from fpn_kernels.precision import cudnn_conv_allows_tf32
 from fpn_kernels.reference import (
     upsample_add_conv1x1_reference,
     upsample_add_conv1x1_reference_backward,
@@ -114,9 +116,9 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
     return usage
 
 
-# Kernel templates and their instantiations (dtype, and the fp32 split-K partials of the
-# fp16/bf16 grad_weight), per architecture.
-EXPECTED_KERNELS = {"gemm_kernel": 5, "grad_top_kernel": 3, "sum_chunks_kernel": 3}
+# Kernel templates and their instantiations (dtype, the fp32 split-K partials of the
+# fp16/bf16 grad_weight, and fp32 as TF32 or IEEE), per architecture.
+EXPECTED_KERNELS = {"gemm_kernel": 6, "grad_top_kernel": 3, "sum_chunks_kernel": 3}
 
 
 def test_no_kernel_spills_registers(cuda_library):
@@ -137,6 +139,39 @@ def test_no_kernel_spills_registers(cuda_library):
             # Spilled registers live in local memory (and a stack frame): both must be 0.
             assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{arch} {kernel}: {res}"
             assert 0 < res["REG"] <= 255, f"{arch} {kernel}: {res}"
+
+
+def _sass_by_kernel(tool: str, library: str) -> dict[tuple[str, str], str]:
+    """``cuobjdump -sass`` -> {(arch, mangled kernel): its SASS}."""
+    text = subprocess.run([tool, "-sass", library], capture_output=True, text=True,
+                          check=True).stdout
+    sass: dict[tuple[str, str], str] = {}
+    arch, kernel = None, None
+    for line in text.splitlines():
+        if m := re.match(r"\s*arch = (sm_\w+)", line):
+            arch, kernel = m.group(1), None
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            kernel = m.group(1)
+            sass[(arch, kernel)] = ""
+        elif kernel is not None:
+            sass[(arch, kernel)] += line + "\n"
+    return sass
+
+
+def test_fp32_gemms_run_as_tf32_or_ieee(cuda_library):
+    # gemm_kernel<float, float, Tf32>: Tf32 = true multiplies on tensor cores as TF32 (what
+    # eager's cuDNN conv does under torch's default flags), false with FMA only (IEEE fp32).
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump found (CUDA toolkit bin/ or Triton's bundled copy)")
+    fp32 = {key: code for key, code in _sass_by_kernel(tool, cuda_library).items()
+            if "gemm_kernelIffLb" in key[1]}
+    assert len(fp32) == 2 * len({arch for arch, _ in fp32}), sorted(fp32)
+    for (arch, kernel), code in fp32.items():
+        if "Lb1" in kernel:
+            assert re.search(r"HMMA\.\w+\.F32\.TF32", code), f"{arch}: no TF32 MMA in {kernel}"
+        else:
+            assert "HMMA" not in code, f"{arch}: the IEEE fp32 GEMM uses tensor cores"
 
 
 def test_parse_resource_usage():
@@ -204,10 +239,26 @@ def test_cuda_backend_reports_why_without_a_gpu(cuda_library):
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Max |error| / max(1, max |reference|) against float64: fp32 accumulation plus one rounding of
-# the result (fp16: 2^-11, bf16: 2^-8 relative), with margin; a wrong index, a dropped bias or
-# a missed K tile is O(1) on this scale.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Max |error| / max(1, max |reference|) against float64, per operand precision: fp32
+# accumulation plus one rounding of the result (fp16: 2^-11, bf16: 2^-8 relative), with margin.
+# fp32 runs as TF32 when torch.backends.cudnn lets conv2d use it (the default; operands rounded
+# to fp16's 10-bit mantissa, so fp16's tolerance), else as IEEE fp32. A wrong index, a dropped
+# bias or a missed K tile is O(1) on this scale.
+TOLERANCE = {"fp32-ieee": 2e-5, "fp32-tf32": 2e-3, "fp16": 2e-3, "bf16": 1e-2}
+
+
+def precision(dtype: torch.dtype) -> str:
+    """The key of TOLERANCE the GPU backends compute ``dtype`` in, under torch's flags now."""
+    if dtype == torch.float32:
+        return "fp32-tf32" if cudnn_conv_allows_tf32() else "fp32-ieee"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+@pytest.fixture
+def ieee_fp32():
+    """fp32 as IEEE in both GPU backends (and eager): the tight fp32 tolerance holds."""
+    with torch_switch(torch.backends.cudnn, "allow_tf32", False):
+        yield
 
 # (N, C_in, C_out, H, W, h, w, scale_factor)
 CASES = [
@@ -262,11 +313,13 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype, what: str
     assert actual.shape == expected.shape and actual.dtype == dtype, what
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     err = (actual.double() - expected).abs().max().item() / scale if expected.numel() else 0.0
-    assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3g} x {scale:.3g}"
+    assert err <= TOLERANCE[precision(dtype)], (
+        f"{what} ({precision(dtype)}): max error {err:.3g} x {scale:.3g}")
 
 
 @requires_gpu
 @pytest.mark.gpu
+@pytest.mark.usefixtures("ieee_fp32")
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -412,9 +465,19 @@ def test_opcheck():
 
 @requires_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_the_triton_backend(channels_last, dtype):
+def test_matches_the_triton_backend(channels_last, dtype, tf32):
+    # One fp32 rule for both GPU backends: under either flag setting they agree within the
+    # tolerance of the precision that setting selects (fp16/bf16 ignore the flag).
+    if dtype != torch.float32 and tf32:
+        pytest.skip("the TF32 flag concerns fp32 only")
+    with torch_switch(torch.backends.cudnn, "allow_tf32", tf32):
+        _compare_with_triton(channels_last, dtype)
+
+
+def _compare_with_triton(channels_last, dtype):
     reason = backends.BACKENDS["triton"].unavailable_reason
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
@@ -433,7 +496,37 @@ def test_matches_the_triton_backend(channels_last, dtype):
             # Both differ from the exact answer by at most one tolerance.
             scale = max(1.0, b.abs().max().item())
             err = (a.double() - b.double()).abs().max().item() / scale
-            assert err <= 2 * TOLERANCE[dtype], f"{case} {what}: {err:.3g}"
+            assert err <= 2 * TOLERANCE[precision(dtype)], (
+                f"{case} {what} ({precision(dtype)}): {err:.3g}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fp32_follows_cudnn_allow_tf32(backend, channels_last):
+    # C_in = 1024 (ResNet-50-FPN's P4): TF32's 10-bit mantissa gives errors near 1e-3 here, IEEE
+    # near 1e-6, so each comparison fails if the kernel picked the other precision.
+    reason = backends.BACKENDS[backend].unavailable_reason
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    g = torch.Generator().manual_seed(0)
+    lateral, top = torch.randn(2, 1024, 50, 76, generator=g), torch.randn(2, 256, 25, 38,
+                                                                          generator=g)
+    weight, bias = torch.randn(256, 1024, 1, 1, generator=g) / 32, torch.randn(256, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lateral, top = (t.contiguous(memory_format=fmt) for t in (lateral, top))
+    exact = upsample_add_conv1x1_reference(lateral.double(), weight.double(), bias.double(),
+                                           top.double())
+    inputs = [t.cuda() for t in (lateral, weight, bias, top)]
+    for allowed in (False, True):
+        with torch_switch(torch.backends.cudnn, "allow_tf32", allowed):
+            out = fpn_kernels.upsample_add_conv1x1(*inputs, backend=backend)
+        error = (out.double().cpu() - exact).abs().max().item()
+        if allowed:
+            assert 1e-4 < error < 2e-2, f"{backend}: TF32 expected, max error {error}"
+        else:
+            assert error < 1e-4, f"{backend}: IEEE fp32 expected, max error {error}"
 
 
 @requires_gpu

@@ -1,10 +1,10 @@
 """The Triton backend on a CUDA GPU (``pytest -m gpu``; skipped without one).
 
 The interpreter matrix (tests/triton_cases.py) on CUDA tensors, then what only a GPU shows: the
-real ResNet-50-FPN level sizes through the autotuned configs, fp32 following
-``torch.backends.cudnn.allow_tf32`` like eager conv2d, bitwise-deterministic gradients, int64
-offsets (forced, and a real image of more than 2^31 elements), torch.compile with the op as one
-node.
+real ResNet-50-FPN level sizes through the autotuned configs, bitwise-deterministic gradients,
+int64 offsets (forced, and a real image of more than 2^31 elements), torch.compile with the op
+as one node. fp32 following ``torch.backends.cudnn.allow_tf32`` like eager conv2d is checked
+for both GPU backends in tests/test_cuda_backend.py.
 """
 
 from __future__ import annotations
@@ -73,25 +73,7 @@ def test_resnet50_fpn_levels(level, dtype, channels_last):
     run_case(FPN_LEVELS[level], dtype, channels_last, device="cuda")
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_fp32_follows_cudnn_allow_tf32(channels_last):
-    # C_in = 1024: TF32's 10-bit mantissa gives errors near 1e-3 here, IEEE near 1e-6, so each
-    # comparison fails if the kernel picked the other precision.
-    case = FPN_LEVELS["P4"]
-    lateral, weight, bias, top = make_inputs(case.n, case.c_in, case.c_out, case.out_hw,
-                                             case.top_hw, channels_last=channels_last,
-                                             device="cuda")
-    for allowed in (False, True):
-        with cudnn_tf32(allowed):
-            out = upsample_add_conv1x1(lateral, weight, bias, top, backend="triton")
-        with cudnn_tf32(False):
-            exact = upsample_add_conv1x1_reference(lateral.double(), weight.double(),
-                                                   bias.double(), top.double()).float()
-        error = (out - exact).abs().max().item()
-        if allowed:
-            assert 1e-4 < error < 2e-2, f"TF32 expected, max error {error}"
-        else:
-            assert error < 1e-4, f"IEEE fp32 expected, max error {error}"
+# fp32 following cudnn.allow_tf32: tests/test_cuda_backend.py checks both GPU backends.
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -2,7 +2,8 @@
 //
 // Every GEMM below is one kernel, `gemm_kernel`: a batch of C = A @ B over strided matrix
 // views, tiled 64 x 64 x 32 through shared memory, fp32 accumulation (tensor cores via WMMA for
-// fp16/bf16 on sm_80+, FMA otherwise), and an epilogue that adds the bias and the nearest-gathered
+// fp16/bf16 on sm_80+, and for fp32 as TF32 when eager's cuDNN conv would use TF32: the same
+// ATen flag, see fp32_as_tf32(); FMA otherwise), and an epilogue that adds the bias and the nearest-gathered
 // top before the single store. Image tensors are read as (channels x pixels) matrices: NCHW has
 // strides (HW, 1), channels_last (1, C), so one kernel serves both layouts; the thread mapping of
 // loads and stores follows whichever axis is contiguous (coalescing only, never correctness).
@@ -18,6 +19,7 @@
 // backward gives the same bits on every run. Offsets are int64; tiles are walked by a grid-stride
 // loop, so any size fits the grid.
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -160,11 +162,35 @@ struct FmaTile {
   }
 };
 
-// Tensor-core path (fp16/bf16, sm_80+): warp w owns rows 16 (w / 2) and columns 32 (w % 2) of
-// the tile, two 16 x 16 fp32 accumulator fragments.
+// What WMMA multiplies a T tile as: fp16/bf16 as themselves (k = 16 per instruction), fp32 as
+// TF32 (k = 8; the fragments hold fp32 that must be rounded to TF32 after loading).
+template <typename T>
+struct WmmaOperand {
+  using type = T;
+  static constexpr int k = 16;
+  template <typename Fragment>
+  __device__ static void round(Fragment&) {}
+};
+template <>
+struct WmmaOperand<float> {
+  using type = nvcuda::wmma::precision::tf32;
+  static constexpr int k = 8;
+  template <typename Fragment>
+  __device__ static void round(Fragment& fragment) {
+#pragma unroll
+    for (int i = 0; i < fragment.num_elements; ++i) {
+      fragment.x[i] = nvcuda::wmma::__float_to_tf32(fragment.x[i]);
+    }
+  }
+};
+
+// Tensor-core path (fp16/bf16, and fp32 as TF32; sm_80+): warp w owns rows 16 (w / 2) and
+// columns 32 (w % 2) of the tile, two 16 x 16 fp32 accumulator fragments.
 template <typename T>
 struct TensorCoreTile {
-  using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  using Operand = WmmaOperand<T>;
+  static constexpr int kStep = Operand::k;
+  using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kStep, float>;
   Accumulator acc[2];
 
   __device__ int row0() const { return 16 * (threadIdx.x / 32 / 2); }
@@ -175,14 +201,19 @@ struct TensorCoreTile {
   }
   __device__ void multiply_add(const T* a, const T* b) {
     using namespace nvcuda;
-#pragma unroll
-    for (int k = 0; k < kBlockK; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
+    using Elem = typename Operand::type;
+    // Two k steps per iteration (all of fp16/bf16's): unrolling TF32's four costs a stack frame
+    // at the 128 registers of two blocks per SM on sm_90.
+#pragma unroll 2
+    for (int k = 0; k < kBlockK; k += kStep) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kStep, Elem, wmma::row_major> a_frag;
       wmma::load_matrix_sync(a_frag, a + row0() * kPitchA + k, kPitchA);
+      Operand::round(a_frag);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b_frag;
+        wmma::fragment<wmma::matrix_b, 16, 16, kStep, Elem, wmma::row_major> b_frag;
         wmma::load_matrix_sync(b_frag, b + k * kPitchB + col0() + 16 * j, kPitchB);
+        Operand::round(b_frag);
         wmma::mma_sync(acc[j], a_frag, b_frag, acc[j]);
       }
     }
@@ -224,14 +255,17 @@ struct GemmShape {
   }
 };
 
-template <typename T, typename OutT>
+// Tf32: fp32 operands on tensor cores as TF32 (instantiated for T = float only).
+template <typename T, typename OutT, bool Tf32>
 __global__ void __launch_bounds__(kThreads, 2)
     gemm_kernel(MatrixView<const T> a, MatrixView<const T> b, MatrixView<OutT> c, GemmShape shape,
                 UpsampleAdd<T> epilogue, float* a_row_sums) {
+  static_assert(!Tf32 || std::is_same_v<T, float>, "TF32 is an fp32 mode");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  using Tile = FmaTile<T>;  // no bf16 WMMA before sm_80: one rule for both half types
+  using Tile = FmaTile<T>;  // no bf16 or TF32 WMMA before sm_80 (nor TF32 in cuDNN there)
 #else
-  using Tile = std::conditional_t<std::is_same_v<T, float>, FmaTile<T>, TensorCoreTile<T>>;
+  using Tile =
+      std::conditional_t<std::is_same_v<T, float> && !Tf32, FmaTile<T>, TensorCoreTile<T>>;
 #endif
   // The operand tiles and, after the K loop, the fp32 accumulator tile share this buffer.
   __shared__ __align__(128) unsigned char shared[shared_bytes<T>()];
@@ -366,13 +400,30 @@ unsigned grid_size(int64_t blocks) {
   return static_cast<unsigned>(std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
 }
 
+// fp32 GEMMs run as TF32 exactly when eager's conv2d would: ATen's allowTF32CuDNN("conv"), the
+// flag cuDNN's convolutions read (torch.backends.cudnn.allow_tf32 and the fp32_precision
+// settings; fpn_kernels/precision.py is its Python twin, which the Triton backend follows).
+// Read at each call, like cuDNN does; the backward's GEMMs follow it too, as eager's do.
+bool fp32_as_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
+
 template <typename T, typename OutT>
 void launch_gemm(MatrixView<const T> a, MatrixView<const T> b, MatrixView<OutT> c,
                  const GemmShape& shape, const UpsampleAdd<T>& epilogue, float* a_row_sums) {
   if (shape.tiles() == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  gemm_kernel<T, OutT><<<grid_size(shape.tiles()), kThreads, 0, stream>>>(a, b, c, shape, epilogue,
-                                                                         a_row_sums);
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid_size(shape.tiles()), kThreads, 0, stream>>>(a, b, c, shape, epilogue,
+                                                             a_row_sums);
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (fp32_as_tf32()) {
+      launch(gemm_kernel<T, OutT, true>);
+    } else {
+      launch(gemm_kernel<T, OutT, false>);
+    }
+  } else {
+    launch(gemm_kernel<T, OutT, false>);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -519,5 +570,9 @@ TORCH_LIBRARY_IMPL(fpn_kernels, CUDA, m) {
   m.impl("fused_forward", &fused_forward_cuda);
   m.impl("fused_backward", &fused_backward_cuda);
 }
+
+// The fp32 rule as this library applies it, callable without a GPU (tests/test_precision.py
+// checks it against fpn_kernels.precision for every flag setting).
+TORCH_LIBRARY_FRAGMENT(fpn_kernels, m) { m.def("cuda_fp32_as_tf32() -> bool", &fp32_as_tf32); }
 
 }  // namespace fpn_kernels
