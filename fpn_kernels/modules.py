@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Optional, TypeVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
@@ -55,43 +56,72 @@ def _is_plain_1x1(conv: nn.Module) -> bool:
     )
 
 
-def _affine_of_norm(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """``(scale, shift)`` with ``norm(y) == y * scale + shift`` per channel, computed from the
-    norm's current parameters and buffers; None when the norm is not such a fixed map now."""
+_FOLDABLE_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _is_fixed_affine_now(norm: nn.Module) -> bool:
+    """Whether ``norm`` is, right now, a fixed per-channel affine map of its input."""
     if type(norm) is FrozenBatchNorm2d:
-        weight, bias = norm.weight, norm.bias
-    elif type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        # BatchNorm uses batch statistics in training mode, or whenever it tracks no running
-        # statistics (the same condition as its own forward).
-        if norm.training or norm.running_mean is None or norm.running_var is None:
-            return None
-        weight, bias = norm.weight, norm.bias
-    else:
-        return None
-    inv_std = (norm.running_var + norm.eps).rsqrt()
-    scale = inv_std if weight is None else weight * inv_std
-    shift = -norm.running_mean * scale
-    return scale, shift if bias is None else bias + shift
+        return True
+    # BatchNorm uses batch statistics in training mode, or whenever it tracks no running
+    # statistics (the same condition as its own forward).
+    return type(norm) in _FOLDABLE_NORMS and not (
+        norm.training or norm.running_mean is None or norm.running_var is None
+    )
+
+
+def fold_norm_into_conv(
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],  # noqa: UP045 - TorchScript reads these annotations
+    norm_weight: Optional[Tensor],  # noqa: UP045
+    norm_bias: Optional[Tensor],  # noqa: UP045
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """The 1x1 ``(weight, bias)`` of a conv followed by a norm acting as the fixed map
+    ``y * scale + shift`` with these statistics. Scriptable: the eager and the TorchScript
+    paths of :class:`FusedFPN` fold with these same operations, so their bits agree."""
+    inv_std = (running_var + eps).rsqrt()
+    scale = inv_std if norm_weight is None else norm_weight * inv_std
+    shift = -running_mean * scale
+    if norm_bias is not None:
+        shift = norm_bias + shift
+    weight = conv_weight * scale.reshape(-1, 1, 1, 1)
+    bias = shift if conv_bias is None else conv_bias * scale + shift
+    # A norm kept in another precision than the conv (as some mixed-precision setups do)
+    # must not change the op's dtype.
+    return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)
+
+
+def _layers(inner_block: nn.Module) -> list[nn.Module]:
+    return list(inner_block) if isinstance(inner_block, nn.Sequential) else [inner_block]
+
+
+def foldable_structure(inner_block: nn.Module) -> bool:
+    """A plain 1x1 conv, optionally followed by a norm of a kind that can be folded into it
+    (whether it can be folded now also depends on its mode: see :func:`fused_lateral`)."""
+    layers = _layers(inner_block)
+    return (
+        1 <= len(layers) <= 2
+        and _is_plain_1x1(layers[0])
+        and (len(layers) == 1 or type(layers[1]) in _FOLDABLE_NORMS)
+    )
 
 
 def fused_lateral(inner_block: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     """The 1x1 ``(weight, bias)`` that computes ``inner_block(x)``, with a norm folded in;
-    None when ``inner_block`` is not a plain 1x1 conv plus at most a foldable norm."""
-    layers = list(inner_block) if isinstance(inner_block, nn.Sequential) else [inner_block]
-    if not 1 <= len(layers) <= 2 or not _is_plain_1x1(layers[0]):
+    None when ``inner_block`` is not a plain 1x1 conv plus at most a foldable norm now."""
+    if not foldable_structure(inner_block):
         return None
-    conv = layers[0]
-    if len(layers) == 1:
+    conv, *norm = _layers(inner_block)
+    if not norm:
         return conv.weight, conv.bias
-    affine = _affine_of_norm(layers[1])
-    if affine is None:
+    if not _is_fixed_affine_now(norm[0]):
         return None
-    scale, shift = affine
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    # A norm kept in another precision than the conv (as some mixed-precision setups do)
-    # must not change the op's dtype.
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+    n = norm[0]
+    return fold_norm_into_conv(conv.weight, conv.bias, n.weight, n.bias, n.running_mean,
+                               n.running_var, n.eps)
 
 
 # --------------------------------------------------------------------------- FusedFPN
@@ -152,11 +182,13 @@ class FusedFPN(FeaturePyramidNetwork):
         """A plain torchvision ``FeaturePyramidNetwork`` sharing this module's submodules."""
         fpn = _retyped(self, FeaturePyramidNetwork)
         del fpn.backend
+        fpn.__dict__.pop("_script_foldable", None)
         return fpn
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
+    @torch.jit.unused  # TorchScript runs _merge_scripted instead
     def _merge(self, idx: int, feature: Tensor, top: Tensor) -> Tensor:
         """``inner_blocks[idx](feature) + interpolate(top, size=feature's size)``."""
         inner_block = self.inner_blocks[idx]
@@ -168,19 +200,65 @@ class FusedFPN(FeaturePyramidNetwork):
         weight, bias = lateral
         return upsample_add_conv1x1(feature, weight, bias, top, backend=self.backend)
 
+    def __prepare_scriptable__(self) -> FusedFPN:
+        """``torch.jit.script`` calls this first. TorchScript cannot check a module's exact
+        type, so the structural half of :func:`fused_lateral` is recorded here, when the model
+        is scripted; the module is otherwise untouched (it stays the user's eager model)."""
+        self._script_foldable = [foldable_structure(block) for block in self.inner_blocks]
+        return self
+
+    def _merge_scripted(self, idx: int, feature: Tensor, top: Tensor) -> Tensor:
+        """:meth:`_merge` in TorchScript, which indexes a ModuleList with literals only: the
+        loop visits every inner block, compiled one by one (``hasattr`` is resolved per block
+        at compile time), and merges at ``idx``. A BatchNorm's mode is read per call, like
+        eager; the fold is :func:`fold_norm_into_conv`, as in eager, so the bits agree."""
+        out = top
+        for i, block in enumerate(self.inner_blocks):
+            if i == idx:
+                foldable = self._script_foldable[i] and feature.shape[0] > 0
+                weight: Optional[Tensor] = None  # noqa: UP045 - TorchScript
+                bias: Optional[Tensor] = None  # noqa: UP045
+                if hasattr(block, "kernel_size"):  # a bare conv
+                    weight, bias = block.weight, block.bias
+                else:
+                    for layer in block:  # Conv2dNormActivation: the conv, at most a norm
+                        if hasattr(layer, "kernel_size"):
+                            weight, bias = layer.weight, layer.bias
+                        elif hasattr(layer, "running_var"):
+                            if hasattr(layer, "momentum") and layer.training:
+                                foldable = False  # BatchNorm on batch statistics
+                            mean, var = layer.running_mean, layer.running_var
+                            if weight is None or mean is None or var is None:
+                                foldable = False
+                            elif foldable:
+                                weight, bias = fold_norm_into_conv(
+                                    weight, bias, layer.weight, layer.bias, mean, var,
+                                    layer.eps)
+                if foldable and weight is not None:
+                    out = torch.ops.fpn_kernels.upsample_add_conv1x1(
+                        feature, weight, bias, top, "nearest", None, self.backend)
+                else:
+                    inner = block(feature)
+                    out = inner + F.interpolate(top, size=inner.shape[-2:], mode="nearest")
+        return out
+
     def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         names = list(x.keys())
         features = list(x.values())
         # The top level has nothing above it: its inner block is torchvision's module as is.
-        last_inner = self.inner_blocks[-1](features[-1])
-        results = [self.layer_blocks[-1](last_inner)]
+        last_inner = self.get_result_from_inner_blocks(features[-1], -1)
+        results = [self.get_result_from_layer_blocks(last_inner, -1)]
         for idx in range(len(features) - 2, -1, -1):
-            last_inner = self._merge(idx, features[idx], last_inner)
-            results.insert(0, self.layer_blocks[idx](last_inner))
+            if torch.jit.is_scripting():
+                last_inner = self._merge_scripted(idx, features[idx], last_inner)
+            else:
+                last_inner = self._merge(idx, features[idx], last_inner)
+            results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
-        # zip() truncates a mismatched extra block's output exactly as torchvision's does.
-        return OrderedDict(zip(names, results, strict=False))
+        # zip() truncates a mismatched extra block's output exactly as torchvision's does
+        # (TorchScript's zip takes no strict=).
+        return OrderedDict([(k, v) for k, v in zip(names, results)])  # noqa: B905
 
 
 # --------------------------------------------------------------------------- convert
