@@ -265,23 +265,22 @@ class FusedFPN(FeaturePyramidNetwork):
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every ``torchvision.ops.FeaturePyramidNetwork`` inside ``model`` by a
-    :class:`FusedFPN` sharing its parameters, in place, and return ``model``.
+    """Replace every FPN inside ``model`` that fpn_kernels knows by its fused version sharing
+    its parameters, in place, and return ``model``:
 
-    When ``model`` is itself a torchvision FPN there is no parent to swap it in, so the new
-    ``FusedFPN`` is returned instead. Subclasses of torchvision's FPN (which may have their own
-    forward) and existing ``FusedFPN`` modules are left alone.
+    * ``torchvision.ops.FeaturePyramidNetwork`` by :class:`FusedFPN`;
+    * mmdetection 3.x's ``mmdet.models.necks.FPN`` by
+      :class:`fpn_kernels.frameworks.mmdet.FusedMMDetFPN`;
+    * detectron2's ``detectron2.modeling.backbone.fpn.FPN`` by its fused subclass
+      (:func:`fpn_kernels.frameworks.detectron2.fused_class`).
+
+    When ``model`` is itself such an FPN there is no parent to swap it in, so the fused module
+    is returned instead. Subclasses of these classes (which may have their own forward, like
+    mmdet's PAFPN) and FPNs with nothing to fuse are left alone; each is reported by a
+    :class:`fpn_kernels.frameworks.ConversionWarning` naming its path, class and the reason, as
+    is every merge of a converted FPN that runs eager now (e.g. BatchNorm in training mode).
+    :func:`fpn_kernels.frameworks.convert_with_report` returns those records instead.
     """
-    _check_backend(backend)
-    if type(model) is FeaturePyramidNetwork:
-        return FusedFPN.from_torchvision(model, backend)
-    converted: dict[int, FusedFPN] = {}  # one replacement per FPN, even where it is shared
-    for parent in list(model.modules()):
-        # _modules, not named_children(): that skips a module's second name, which must be
-        # swapped as well.
-        for name, child in list(parent._modules.items()):
-            if type(child) is FeaturePyramidNetwork:
-                if id(child) not in converted:
-                    converted[id(child)] = FusedFPN.from_torchvision(child, backend)
-                setattr(parent, name, converted[id(child)])
-    return model
+    from . import frameworks  # imports this module
+
+    return frameworks.convert(model, backend)
