@@ -118,3 +118,21 @@ def test_compile_dynamic_compiles_once_for_three_sizes(channels_last):
         check_forward_backward(compiled, model, lateral, top)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 4 sizes"
     torch._dynamo.reset()
+
+
+def test_aoti_package_with_dims_keeps_the_op_and_runs_at_other_sizes(tmp_path):
+    """AOTInductor compiles the exported program (the op stays one call: the ONNX
+    decomposition in torch._decomp's table is not applied), loads, and runs at other sizes."""
+    model = Merge()
+    n, h, w = Dim("N", min=1, max=64), Dim("H", min=2, max=512), Dim("W", min=2, max=512)
+    with torch.no_grad():
+        ep = torch.export.export(model, inputs(*EXAMPLE),
+                                 dynamic_shapes=({0: n, 2: 2 * h, 3: 2 * w}, {0: n, 2: h, 3: w}))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
+    with open(path, "rb") as f:
+        assert b"fpn_kernels::upsample_add_conv1x1" in f.read()
+    loaded = torch._inductor.aoti_load_package(path)
+    for i, size in enumerate(OTHER_SIZES):
+        lateral, top = inputs(*size, seed=i + 1)
+        with torch.no_grad():
+            assert_close(loaded(lateral, top), model.reference(lateral, top), msg=str(size))
