@@ -146,3 +146,21 @@ def test_activation_checkpointing_matches_the_unconverted_model(norm):
     want = train_steps(plain, rank=0)
     assert_same_training(want, train_steps(model, rank=0))
     assert_same_training(want, train_steps(converted, rank=0))
+
+
+def test_autocast_bfloat16_training_matches_the_unconverted_model():
+    """torch.autocast(cpu, bfloat16), as Intel's guide runs CPU training: the fused merges cast
+    like eager's conv2d, so loss and gradients agree at bf16 tolerance."""
+    model, converted = make_pair()
+    results = []
+    for m in (model, converted):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(batch(0, 0))
+        loss.backward()
+        results.append((loss.detach().float(),
+                        {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (want_loss, want_grads), (got_loss, got_grads) = results
+    torch.testing.assert_close(got_loss, want_loss, atol=2e-2, rtol=2e-2)
+    for name, g in want_grads.items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(got_grads[name], g, atol=3e-2 * scale, rtol=3e-2, msg=name)
