@@ -90,11 +90,64 @@ else:
         for first, second in zip(*runs, strict=True):
             assert torch.equal(first, second)
 
-    def test_autotune_key_names_kernel_arguments():
-        # Triton drops key names that are not arguments without a word.
-        autotuned = launch._upsample_add_conv1x1_autotuned
-        assert set(autotuned.keys) <= set(launch.kernels.upsample_add_conv1x1_kernel.arg_names)
-        assert {"C_in", "C_out", "P", "CHANNELS_LAST"} <= set(autotuned.keys)
+    # (in, out, scale_factor) per axis: 2x, odd ratios, shrinking, scale factors whose float32
+    # products land next to an integer (where a double-precision shortcut would differ).
+    CUDA_AXES = [(10, 19, None), (38, 75, None), (7, 7, None), (1, 5, None), (9, 5, None),
+                 (6, 12, None), (10, 20, 2.05), (10, 61, 6.1), (7, 31, 4.5), (25, 50, None),
+                 (3, 100, None), (100, 152, None)]
+
+    @pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_cuda_index_computed_in_the_kernel_is_bit_exact(mode, channels_last, monkeypatch):
+        # index_kernel "cuda" (every CUDA tensor): the kernels compute ATen's CUDA source index
+        # from float32 scales, with no table; it must equal fpn_kernels.indexing's "cuda"
+        # tables bit for bit, forward (weight 0: out is the gathered top) and grad_top (small
+        # integers: every window sum is exact).
+        from fpn_kernels import indexing
+
+        def no_tables(*args, **kwargs):
+            raise AssertionError("a CUDA-formula launch built an index table")
+
+        monkeypatch.setattr(launch, "index_table_tensor", no_tables)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        g = torch.Generator().manual_seed(0)
+        for (h, out_h, sh), (w, out_w, sw) in zip(CUDA_AXES, CUDA_AXES[3:] + CUDA_AXES[:3],
+                                                    strict=True):
+            sf = None if sh is None or sw is None else [sh, sw]
+            if sf is None:
+                sh = sw = None
+            c = 5
+            top = torch.randn(1, c, h, w, generator=g).contiguous(memory_format=fmt)
+            lateral = torch.randn(1, 3, out_h, out_w, generator=g).contiguous(memory_format=fmt)
+            weight = torch.zeros(c, 3)
+            rows = indexing.source_indices(h, out_h, sh, mode, "cuda")
+            cols = indexing.source_indices(w, out_w, sw, mode, "cuda")
+            out = launch.forward(lateral, weight, None, top, mode, sf, channels_last, "cuda")
+            want = top[:, :, torch.from_numpy(rows.copy())][:, :, :, torch.from_numpy(cols.copy())]
+            assert torch.equal(out, want), (h, out_h, w, out_w, sf, mode)
+
+            grad_out = torch.randint(-4, 5, out.shape, generator=g).float()
+            grad_out = grad_out.contiguous(memory_format=fmt)
+            grad_top = launch.backward(grad_out, lateral, weight, [h, w], mode, sf,
+                                       channels_last, "cuda", [False, False, False, True])[3]
+            source = torch.from_numpy(rows[:, None] * w + cols[None, :]).reshape(-1)
+            expected = torch.zeros(1, c, h * w).index_add_(2, source,
+                                                           grad_out.reshape(1, c, -1))
+            assert torch.equal(grad_top, expected.reshape(1, c, h, w)), (h, out_h, w, out_w)
+
+    def test_ordered_sum_is_the_split_order_sum():
+        # One launch reduces grad_weight and grad_bias; loads four rows at a time, adds them
+        # in row order: bit-identical to the plain left-to-right fp32 sum, for every tail.
+        g = torch.Generator().manual_seed(0)
+        for splits in (1, 3, 4, 5, 9):
+            partial = torch.randn(splits, 7 * 5 + 7, generator=g) * 1e3
+            weight, bias = torch.empty(7, 5), torch.empty(7)
+            launch._ordered_sum(partial, weight, bias)
+            expected = partial[0].clone()
+            for row in partial[1:]:
+                expected += row
+            assert torch.equal(weight.reshape(-1), expected[:35]), splits
+            assert torch.equal(bias, expected[35:]), splits
 
     def test_weight_grad_split_is_fixed_by_shape():
         # CASES[0] sums several pixel chunks per image: the ordered partial sum is exercised.

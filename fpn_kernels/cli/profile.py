@@ -7,6 +7,9 @@
 2. A MODEL, not a measurement: the HBM bytes eager and fused move for each ResNet-50-FPN level at
    800x1216 (N=2, C_out=256), and the time they take at the H100 SXM's 3.35 TB/s
    (fpn_kernels/triton/roofline.py; fwd+bwd adds fpn_kernels/cli/roofline.py's backward model).
+3. A MODEL too: the Triton backward's bytes as implemented, per launch (grad_out read by three
+   launches, the fp32 split partials written and read back), with the split count the
+   launcher picks (``triton.roofline.backward_bytes``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..triton.roofline import H100_SXM_BANDWIDTH, bytes_moved, roofline_seconds
+from ..triton.roofline import H100_SXM_BANDWIDTH, backward_bytes, bytes_moved, roofline_seconds
 from .cases import resnet50_fpn_levels
 from .roofline import bytes_moved as bench_bytes_moved
 
@@ -83,6 +86,29 @@ def roofline_model(bandwidth: float) -> str:
             f"lower bound. Bytes: DESIGN.md's formulas.\n" + _table(header, rows))
 
 
+def triton_backward_model(bandwidth: float) -> str:
+    try:
+        from ..triton import kernels, launch
+    except ImportError as exc:
+        return f"Triton backward model: skipped, triton is not importable ({exc})"
+    header = ["level", "dtype", "splits", "grad_lateral MB", "partials MB", "ordered sum MB",
+              "grad_top MB", "total MB", "total us"]
+    rows = []
+    for level in resnet50_fpn_levels(2, (800, 1216)):
+        for dtype, size in (("fp16/bf16", 2), ("fp32", 4)):
+            config = kernels.CONV1X1_WEIGHT_GRAD_CONFIGS[size][0].kwargs
+            tiles = (-(-level.c_out // config["BLOCK_CO"])) * (-(-level.c_in // config["BLOCK_CI"]))
+            _, chunks = launch.weight_grad_split(level.n, level.pixels, tiles, config["BLOCK_K"])
+            parts = backward_bytes(level, size, level.n * chunks)
+            total = sum(parts.values())
+            rows.append([level.name, dtype, str(level.n * chunks),
+                         *(f"{b / 1e6:.1f}" for b in parts.values()), f"{total / 1e6:.1f}",
+                         f"{roofline_seconds(total, bandwidth) * 1e6:.1f}"])
+    return ("Triton backward bytes AS IMPLEMENTED, a MODEL (not a measurement): one launch per "
+            "column, grad_out read by three of them; time = bytes / "
+            f"{bandwidth / 1e12:.2f} TB/s.\n" + _table(header, rows))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fpn_kernels profile",
@@ -105,4 +131,6 @@ def main(argv: list[str]) -> int:
         print(kernel_resources(args.arch, args.dtype, args.use, args.jobs))
         print()
     print(roofline_model(args.bandwidth))
+    print()
+    print(triton_backward_model(args.bandwidth))
     return 0

@@ -41,18 +41,21 @@ _POINTERS = {
         "src_row_ptr": "i32", "src_col_ptr": "i32", "out_ptr": "dt",
     },
     "conv1x1_weight_grad_kernel": {
-        "grad_out_ptr": "dt", "lateral_ptr": "dt", "weight_partial_ptr": "fp32",
-        "bias_partial_ptr": "fp32",
+        "grad_out_ptr": "dt", "lateral_ptr": "dt", "partial_ptr": "fp32",
     },
-    "ordered_sum_kernel": {"partial_ptr": "fp32", "out_ptr": "dt"},
+    "ordered_sum_kernel": {"partial_ptr": "fp32", "out_ptr": "dt", "tail_ptr": "dt"},
     "nearest_upsample_grad_kernel": {
         "grad_out_ptr": "dt", "row_begin_ptr": "i32", "col_begin_ptr": "i32",
         "grad_top_ptr": "dt",
     },
 }
 # Integer arguments the JIT would see as multiples of 16 (it specializes on that) for FPN
-# shapes: channel counts (256, 512, 1024, 2048), the split chunk, the partial buffers' size.
+# shapes: channel counts (256, 512, 1024, 2048), the split chunk (a multiple of BLOCK_K, always),
+# the partial buffers' size. Image sizes are not specialized (the kernels' do_not_specialize),
+# so no compile assumes anything about them.
 _DIVISIBLE_INTS = {"C_in", "C_out", "C", "chunk_pixels", "numel"}
+# Float arguments: the nearest-index scales.
+_FLOATS = {"scale_h", "scale_w"}
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,8 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     constexprs = dict(variant.flags, **config.kwargs)
     named = {"CHANNELS_LAST": variant.channels_last, "INT64_INDEX": False,
              "PIXEL_ALIGN": PROFILE_PIXEL_ALIGN, "DOT_IN_FP32": False,
-             "DOT_PRECISION": variant.precision or "tf32"}
+             "DOT_PRECISION": variant.precision or "tf32", "INDEX_TABLES": False,
+             "EXACT": False}
     signature, attrs = {}, {}
     for index, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
         if param.is_constexpr:
@@ -189,6 +193,8 @@ def compile_variant(variant: Variant, arch: int) -> Report:
             kind = pointers[name]
             signature[name] = "*" + (variant.dtype if kind == "dt" else kind)
             attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in _FLOATS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if name in _DIVISIBLE_INTS:

@@ -10,9 +10,10 @@ program in a fixed order, no atomics):
 
 * ``upsample_add_conv1x1_kernel``: ``out = weight @ lateral (+ bias) (+ top[nearest])``. The
   forward, and with ``weight^T`` and no epilogue also grad_lateral.
-* ``conv1x1_weight_grad_kernel``: per fixed pixel chunk ``s``, ``weight_partial[s] =
-  grad_out @ lateral^T`` and ``bias_partial[s] = rowsum(grad_out)``.
-* ``ordered_sum_kernel``: ``out = partial[0] + partial[1] + ...`` in that order.
+* ``conv1x1_weight_grad_kernel``: per fixed pixel chunk ``s``, one fp32 row ``partial[s] =
+  (grad_out @ lateral^T, rowsum(grad_out))``.
+* ``ordered_sum_kernel``: ``partial[0] + partial[1] + ...`` in that order, split into
+  grad_weight and grad_bias: one launch.
 * ``nearest_upsample_grad_kernel``: grad_top, each top pixel sums its destination rectangle.
 
 Configs: ``*_CONFIGS[element_size]`` lists the GPU configs per operand element size (2: fp16 and
@@ -84,6 +85,34 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _nearest_source(dst, scale, in_size, EXACT: tl.constexpr):
+    """ATen's CUDA nearest index (``fpn_kernels.indexing``, index kernel "cuda"): float32
+    ``floorf(dst * scale)``, "nearest-exact" ``floorf((dst + 0.5f) * scale)``, at most
+    in_size - 1. ``scale`` is the host's float32 ``indexing.nearest_scale``."""
+    pos = dst.to(tl.float32)
+    if EXACT:
+        pos = pos + 0.5
+    src = tl.floor(pos * scale).to(tl.int32)
+    return tl.minimum(src, in_size - 1)
+
+
+@triton.jit
+def _first_destination(src, scale, in_size, out_size, search_steps, EXACT: tl.constexpr):
+    """The adjoint of ``_nearest_source``: the first destination reading source ``src`` (or
+    out_size), by binary search over the non-decreasing map, like ``indexing.destination_ranges``
+    and nearest_index.h's first_destination. search_steps: out_size.bit_length()."""
+    lo = tl.zeros_like(src)
+    hi = lo + out_size
+    for _ in range(0, search_steps):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        below = _nearest_source(mid, scale, in_size, EXACT) < src
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & (below == 0), mid, hi)
+    return lo
+
+
 # --------------------------------------------------------------------------- forward
 
 # (BLOCK_CO, BLOCK_P, BLOCK_K, warps, stages). C_out is 256 in every FPN, so 128-row channel
@@ -108,26 +137,32 @@ UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG = triton.Config(
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "W", "h", "w", "scale_h", "scale_w", "tiles_per_image"])
 def upsample_add_conv1x1_kernel(
     lateral_ptr, weight_ptr, bias_ptr, top_ptr, src_row_ptr, src_col_ptr, out_ptr,
-    C_in, C_out, P, W, h, w,
+    C_in, C_out, P, W, h, w, scale_h, scale_w, tiles_per_image,
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
-    PIXEL_ALIGN: tl.constexpr,
+    PIXEL_ALIGN: tl.constexpr, INDEX_TABLES: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n] (C_out, P) = weight (C_out, C_in) @ lateral[n] (C_in, P) + bias[:, None]
     + top[n] (C_out, h*w)[:, src_row[y] * w + src_col[x]], with pixel p = y * W + x, P = H * W.
 
-    Grid: (cdiv(C_out, BLOCK_CO) * cdiv(P, BLOCK_P), N). NCHW computes the tile as
-    weight @ lateral (C_out x pixels), channels_last as lateral @ weight^T (pixels x C_out), so
-    both operands are read along their contiguous axis. PIXEL_ALIGN: a power of two dividing P
-    (at most 16), so NCHW rows are known to be aligned and load as vectors.
+    Grid: (tiles_per_image * N,), tiles_per_image = cdiv(C_out, BLOCK_CO) * cdiv(P, BLOCK_P):
+    one axis, so any batch size fits. NCHW computes the tile as weight @ lateral
+    (C_out x pixels), channels_last as lateral @ weight^T (pixels x C_out), so both operands are
+    read along their contiguous axis. PIXEL_ALIGN: a power of two dividing P (at most 16), so
+    NCHW rows are known to be aligned and load as vectors; the sizes themselves are not
+    specialized (do_not_specialize), so a new image size compiles nothing.
+    Source pixels: INDEX_TABLES reads the host's tables src_row/src_col (ATen's CPU index
+    kernels, interpreter only); else ``_nearest_source`` with the float32 scales (ATen's CUDA
+    kernel): no table, so no host-to-device copy per shape.
     """
     # --- which tile: channel tiles of one pixel tile are neighbours (they share lateral)
     pid = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    image = (pid // tiles_per_image).to(tl.int64)
+    pid = pid % tiles_per_image
     num_co_tiles = tl.cdiv(C_out, BLOCK_CO)
     co_tile = pid % num_co_tiles
     p_tile = pid // num_co_tiles
@@ -135,13 +170,24 @@ def upsample_add_conv1x1_kernel(
     offs_co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_k = tl.arange(0, BLOCK_K)
+    co_in = offs_co < C_out
+    p_in = offs_p < P
+    if HAS_TOP:
+        # --- the epilogue's source pixels first: their loads overlap the main loop
+        if INDEX_TABLES:
+            src_row = tl.load(src_row_ptr + offs_p // W, mask=p_in, other=0)
+            src_col = tl.load(src_col_ptr + offs_p % W, mask=p_in, other=0)
+        else:
+            src_row = _nearest_source(offs_p // W, scale_h, h, EXACT)
+            src_col = _nearest_source(offs_p % W, scale_w, w, EXACT)
+        src_pixel = src_row * w + src_col  # int32: widen before scaling by C_out
     if INT64_INDEX:  # one image holds 2^31 elements or more
         offs_co = offs_co.to(tl.int64)
         offs_p = offs_p.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
         P = P.to(tl.int64)
-    co_in = offs_co < C_out
-    p_in = offs_p < P
+        if HAS_TOP:
+            src_pixel = src_pixel.to(tl.int64)
     lateral_ptr += image * C_in * P
     out_ptr += image * C_out * P
 
@@ -174,13 +220,6 @@ def upsample_add_conv1x1_kernel(
         bias_2d, _ = _to_tile(bias, offs_p, CHANNELS_LAST)
         acc += bias_2d
     if HAS_TOP:
-        # The source pixel of every destination pixel, from the host's index tables: the
-        # nearest index math lives once, in fpn_kernels.indexing.
-        src_row = tl.load(src_row_ptr + offs_p // W, mask=p_in, other=0)
-        src_col = tl.load(src_col_ptr + offs_p % W, mask=p_in, other=0)
-        src_pixel = src_row * w + src_col  # int32 tables: widen before scaling by C_out
-        if INT64_INDEX:
-            src_pixel = src_pixel.to(tl.int64)
         _, src_pixel = _to_tile(offs_co, src_pixel, CHANNELS_LAST)
         top_ptr += image * C_out * h * w
         top_tile = tl.load(top_ptr + _offsets(channel, src_pixel, C_out, h * w, CHANNELS_LAST),
@@ -202,7 +241,7 @@ CONV1X1_WEIGHT_GRAD_CONFIGS = {
     ],
     4: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 16}, num_warps=8, num_stages=4),
     ],
 }
 CONV1X1_WEIGHT_GRAD_INTERPRET_CONFIG = triton.Config(
@@ -210,27 +249,30 @@ CONV1X1_WEIGHT_GRAD_INTERPRET_CONFIG = triton.Config(
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "chunks_per_image"])  # chunk: a multiple of 16
 def conv1x1_weight_grad_kernel(
-    grad_out_ptr, lateral_ptr, weight_partial_ptr, bias_partial_ptr,
+    grad_out_ptr, lateral_ptr, partial_ptr,
     C_in, C_out, P, chunk_pixels, chunks_per_image,
     HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
     PIXEL_ALIGN: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """weight_partial[s] (C_out, C_in) = grad_out[n] (C_out, chunk) @ lateral[n]^T (chunk, C_in)
-    and bias_partial[s] (C_out,) = grad_out[n] (C_out, chunk) summed over the chunk, where split
-    s = n * chunks_per_image + c covers pixels [c * chunk_pixels, (c + 1) * chunk_pixels).
+    """partial[s, :C_out*C_in] (C_out, C_in) = grad_out[n] (C_out, chunk) @ lateral[n]^T
+    (chunk, C_in) and, with HAS_BIAS, partial[s, C_out*C_in:] (C_out,) = grad_out[n]
+    (C_out, chunk) summed over the chunk, where split s = n * chunks_per_image + c covers pixels
+    [c * chunk_pixels, (c + 1) * chunk_pixels). partial: (splits, C_out*C_in (+ C_out)) fp32,
+    one row per split, so one ``ordered_sum_kernel`` launch reduces both gradients.
 
-    Grid: (cdiv(C_out, BLOCK_CO) * cdiv(C_in, BLOCK_CI), N * chunks_per_image), all fp32 out.
-    PIXEL_ALIGN as in ``upsample_add_conv1x1_kernel``; chunk_pixels is a multiple of BLOCK_K.
-    The split is fixed by the shape, so ``ordered_sum_kernel`` over s gives the same bits on
-    every run. bias_partial is written by the programs of the first C_in tile.
+    Grid: (N * chunks_per_image, cdiv(C_out, BLOCK_CO) * cdiv(C_in, BLOCK_CI)): splits on the
+    first axis, so any batch size fits. PIXEL_ALIGN as in ``upsample_add_conv1x1_kernel``;
+    chunk_pixels is a multiple of BLOCK_K. The split is fixed by the shape, so the ordered sum
+    over s gives the same bits on every run. The bias part is written by the programs of the
+    first C_in tile.
     """
     # --- which tile, which pixel chunk
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
     num_co_tiles = tl.cdiv(C_out, BLOCK_CO)
     co_tile = pid % num_co_tiles
     ci_tile = pid // num_co_tiles
@@ -274,66 +316,88 @@ def conv1x1_weight_grad_kernel(
         grad_out_ptrs += grad_out_p_step
         lateral_ptrs += lateral_p_step
 
-    # --- this split's partial sums (fp32)
-    partial_ptrs = (weight_partial_ptr + split.to(tl.int64) * C_out * C_in
-                    + offs_co[:, None] * C_in + offs_ci[None, :])
-    tl.store(partial_ptrs, acc, mask=co_in[:, None] & ci_in[None, :])
+    # --- this split's partial sums (fp32), one row of partial
+    row_numel = C_out * C_in
     if HAS_BIAS:
-        bias_ptrs = bias_partial_ptr + split.to(tl.int64) * C_out + offs_co
-        tl.store(bias_ptrs, bias_acc, mask=co_in & (ci_tile == 0))
+        row_numel += C_out
+    partial_ptr += split.to(tl.int64) * row_numel
+    tl.store(partial_ptr + offs_co[:, None] * C_in + offs_ci[None, :], acc,
+             mask=co_in[:, None] & ci_in[None, :])
+    if HAS_BIAS:
+        tl.store(partial_ptr + C_out * C_in + offs_co, bias_acc, mask=co_in & (ci_tile == 0))
 
 
 ORDERED_SUM_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)]
 ORDERED_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK": 256}, num_warps=4, num_stages=1)
 
 
-@triton.jit
-def ordered_sum_kernel(partial_ptr, out_ptr, num_splits, numel, BLOCK: tl.constexpr):
-    """out (numel,) = partial[0] + partial[1] + ... + partial[num_splits - 1], summed in that
-    order in fp32, then cast to out's dtype. partial: (num_splits, numel) fp32.
+@triton.jit(do_not_specialize=["num_splits"])
+def ordered_sum_kernel(partial_ptr, out_ptr, tail_ptr, num_splits, numel, out_numel,
+                       BLOCK: tl.constexpr):
+    """sum = partial[0] + partial[1] + ... + partial[num_splits - 1] (numel,), summed in that
+    order in fp32, then cast: elements [0, out_numel) to out, the rest to tail (grad_weight and
+    grad_bias from one launch). partial: (num_splits, numel) fp32.
 
+    The loop loads four rows before adding them in row order: the same adds as one row at a
+    time (the same bits), with four loads in flight instead of one.
     Grid: (cdiv(numel, BLOCK),).
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     partial_ptrs = partial_ptr + offs
-    for _ in range(0, num_splits):
+    pipelined = num_splits - num_splits % 4
+    for _ in range(0, pipelined, 4):
+        row0 = tl.load(partial_ptrs, mask=mask, other=0.0)
+        row1 = tl.load(partial_ptrs + numel, mask=mask, other=0.0)
+        row2 = tl.load(partial_ptrs + 2 * numel, mask=mask, other=0.0)
+        row3 = tl.load(partial_ptrs + 3 * numel, mask=mask, other=0.0)
+        acc = (((acc + row0) + row1) + row2) + row3
+        partial_ptrs += 4 * numel
+    for _ in range(pipelined, num_splits):
         acc += tl.load(partial_ptrs, mask=mask, other=0.0)
         partial_ptrs += numel
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    value = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, value, mask=offs < out_numel)
+    tl.store(tail_ptr + (offs - out_numel), value, mask=mask & (offs >= out_numel))
 
 
 # --------------------------------------------------------------------------- grad_top
 
 # (BLOCK_C, BLOCK_T = top pixels, warps, stages): no tensor cores, a gather-sum; 4096-element
-# tiles keep enough loads in flight per program.
+# tiles keep enough loads in flight per program. 8 warps: with 4, the in-kernel range search
+# (_first_destination) needs a stack frame at 168 registers.
 NEAREST_UPSAMPLE_GRAD_CONFIGS = {
-    2: [triton.Config({"BLOCK_C": 64, "BLOCK_T": 64}, num_warps=4, num_stages=1)],
-    4: [triton.Config({"BLOCK_C": 64, "BLOCK_T": 64}, num_warps=4, num_stages=1)],
+    2: [triton.Config({"BLOCK_C": 64, "BLOCK_T": 64}, num_warps=8, num_stages=1)],
+    4: [triton.Config({"BLOCK_C": 64, "BLOCK_T": 64}, num_warps=8, num_stages=1)],
 }
 NEAREST_UPSAMPLE_GRAD_INTERPRET_CONFIG = triton.Config(
     {"BLOCK_C": 16, "BLOCK_T": 128}, num_warps=4, num_stages=1
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "h", "w", "max_rows", "max_cols", "scale_h",
+                                 "scale_w", "row_steps", "col_steps", "tiles_per_image"])
 def nearest_upsample_grad_kernel(
     grad_out_ptr, row_begin_ptr, col_begin_ptr, grad_top_ptr,
-    C, H, W, h, w, max_rows, max_cols,
-    CHANNELS_LAST: tl.constexpr, INT64_INDEX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    C, H, W, h, w, max_rows, max_cols, scale_h, scale_w, row_steps, col_steps, tiles_per_image,
+    CHANNELS_LAST: tl.constexpr, INT64_INDEX: tl.constexpr, INDEX_TABLES: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """grad_top[n, c, ty, tx] = sum of grad_out[n, c, y, x] over y in [row_begin[ty],
     row_begin[ty + 1]) and x in [col_begin[tx], col_begin[tx + 1]), row by row: the exact adjoint
     of the forward's nearest gather (every destination pixel has one source, so these
     rectangles tile the output). max_rows/max_cols: the longest range on each axis.
+    INDEX_TABLES reads row_begin/col_begin from the host (ATen's CPU index kernels, interpreter
+    only); else ``_first_destination`` computes them from the float32 scales (row_steps,
+    col_steps: H.bit_length(), W.bit_length()).
 
-    Grid: (cdiv(C, BLOCK_C) * cdiv(h*w, BLOCK_T), N).
+    Grid: (tiles_per_image * N,), tiles_per_image = cdiv(C, BLOCK_C) * cdiv(h*w, BLOCK_T).
     """
     # --- which tile of (channels, top pixels)
     pid = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    image = (pid // tiles_per_image).to(tl.int64)
+    pid = pid % tiles_per_image
     num_c_tiles = tl.cdiv(C, BLOCK_C)
     c_tile = pid % num_c_tiles
     t_tile = pid // num_c_tiles
@@ -353,10 +417,20 @@ def nearest_upsample_grad_kernel(
     # --- each top pixel's destination rectangle: first pixel and extent
     top_y = offs_t // w
     top_x = offs_t % w
-    row_first = tl.load(row_begin_ptr + top_y, mask=t_in, other=0)
-    num_rows = tl.load(row_begin_ptr + top_y + 1, mask=t_in, other=0) - row_first
-    col_first = tl.load(col_begin_ptr + top_x, mask=t_in, other=0)
-    num_cols = tl.load(col_begin_ptr + top_x + 1, mask=t_in, other=0) - col_first
+    if INDEX_TABLES:
+        row_first = tl.load(row_begin_ptr + top_y, mask=t_in, other=0)
+        row_end = tl.load(row_begin_ptr + top_y + 1, mask=t_in, other=0)
+        col_first = tl.load(col_begin_ptr + top_x, mask=t_in, other=0)
+        col_end = tl.load(col_begin_ptr + top_x + 1, mask=t_in, other=0)
+    else:
+        top_y = top_y.to(tl.int32)
+        top_x = top_x.to(tl.int32)
+        row_first = _first_destination(top_y, scale_h, h, H, row_steps, EXACT)
+        row_end = _first_destination(top_y + 1, scale_h, h, H, row_steps, EXACT)
+        col_first = _first_destination(top_x, scale_w, w, W, col_steps, EXACT)
+        col_end = _first_destination(top_x + 1, scale_w, w, W, col_steps, EXACT)
+    num_rows = row_end - row_first
+    num_cols = col_end - col_first
     first_pixel = row_first * W + col_first  # int32 tables: widen before scaling by C
     if INT64_INDEX:
         first_pixel = first_pixel.to(tl.int64)

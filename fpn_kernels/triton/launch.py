@@ -4,11 +4,21 @@
 already normalized by ``ops.py``). Under ``TRITON_INTERPRET=1`` they run the same kernels on CPU
 tensors with one fixed config per kernel.
 
-Config choice. The forward is autotuned (``triton.autotune`` over the curated list in
-``kernels.py``, keyed on C_in, C_out, pixel count, width, layout and dtype). The backward never
-times anything: its configs, and the pixel split of the grad_weight reduction, follow from the
-shape alone, so its bits cannot depend on which config won a benchmark. The forward does the
-same under ``torch.use_deterministic_algorithms(True)``.
+Config choice: rule-based, from the shape alone, never timed (``_pick`` over the curated lists
+in ``kernels.py``). So a new image size (multi-scale training, variable-size evaluation) never
+benchmarks anything or syncs the device, a call inside CUDA-graph capture never tunes, and the
+bits cannot depend on which config won a benchmark. The kernels do not specialize on image
+sizes (``do_not_specialize``): a new size reuses the compiled kernel unless its pixel count's
+power-of-two alignment (PIXEL_ALIGN) or the picked config is new
+(tests/test_triton_compiles.py counts the JIT's cache keys over 20 image sizes).
+
+CUDA tensors: the kernels compute ATen's CUDA nearest index themselves (``kernels.
+_nearest_source``, float32 scales from ``indexing.nearest_scale``), so a call allocates
+nothing but its outputs and fp32 scratch (from torch's caching allocator) and never copies to
+the device or syncs: safe inside ``torch.cuda.graph`` capture and on a new shape under
+``torch.compile(mode="reduce-overhead")``. The host index tables (``indexing.
+index_table_tensor``) serve only ATen's CPU index kernels, i.e. CPU tensors under the
+interpreter.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from .. import _eager_backend
 from ..indexing import (
     destination_ranges,
     index_table_tensor,
+    nearest_scale,
     source_indices,
 )
 from ..precision import cudnn_conv_allows_tf32
@@ -41,8 +52,6 @@ INT64_INDEX_FROM = 2**31
 # A shape-only constant, never read from the device, so the choice is the same on every GPU.
 MIN_PROGRAMS = 264
 
-# Largest grid dimension 1 (CUDA's limit for gridDim.y).
-MAX_GRID_Y = 65535
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -73,16 +82,11 @@ def _int64_index(*per_image_numels: int) -> bool:
     return max(per_image_numels) >= INT64_INDEX_FROM
 
 
-def pixel_align(pixels: int) -> int:
+def pixel_align(pixels: int, channels_last: bool = False) -> int:
     """The largest power of two (at most 16) dividing the pixel count: a compile-time hint that
-    lets NCHW rows (stride P) load and store as vectors when P is, say, 3800 = 8 * 475."""
-    return min(16, pixels & -pixels)
-
-
-def _check_batch(n: int) -> None:
-    """Images are grid dimension 1 (forward, grad_lateral, grad_top)."""
-    if n > MAX_GRID_Y:
-        raise ValueError(f"triton backend: batch size {n} exceeds the grid limit {MAX_GRID_Y}")
+    lets NCHW rows (stride P) load and store as vectors when P is, say, 3800 = 8 * 475.
+    channels_last rows have stride C, so there it is 1: one compile for every image size."""
+    return 1 if channels_last else min(16, pixels & -pixels)
 
 
 def _pick(configs: Sequence[triton.Config], fits: Callable[[dict], bool]) -> triton.Config:
@@ -95,29 +99,45 @@ def _launch(kernel, grid, args, flags: dict, config: triton.Config) -> None:
     kernel[grid](*args, **flags, **config.all_kwargs())
 
 
-_int32_placeholders: dict[str, Tensor] = {}
+class NearestIndex:
+    """How the kernels find source pixels for one call: the float32 scales of ATen's CUDA
+    formula (``index_kernel == "cuda"``), and for ATen's CPU index kernels the host's tables of
+    ``kind`` ("source" or "ranges") on the tensors' device, from fpn_kernels.indexing."""
 
+    def __init__(self, kind: str, top_hw: Sequence[int], out_hw: Sequence[int],
+                 scale_factor: Sequence[float] | None, mode: str, index_kernel: str,
+                 device: torch.device):
+        scales = _axis_scales(scale_factor)
+        axes = list(zip((int(s) for s in top_hw), (int(s) for s in out_hw), scales,
+                        strict=True))
+        self.exact = mode == "nearest-exact"
+        self.from_tables = index_kernel != "cuda"
+        # float32 values as Python floats: the kernels' fp32 arguments get the same bits.
+        self.scales = tuple(float(nearest_scale(i, o, s)) for i, o, s in axes)
+        self.tables = None
+        if self.from_tables:
+            self.tables = tuple(index_table_tensor(kind, i, o, s, mode, index_kernel, device)
+                                for i, o, s in axes)
 
-def _int32_placeholder(device: torch.device) -> Tensor:
-    """A stand-in for index tables a launch does not read (a pointer argument needs a tensor)."""
-    key = str(device)
-    if key not in _int32_placeholders:
-        _int32_placeholders[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _int32_placeholders[key]
+    def pointers(self, unused: Tensor) -> tuple[Tensor, Tensor]:
+        """The two table arguments (``unused`` where the kernel computes the index)."""
+        return self.tables if self.tables is not None else (unused, unused)
 
 
 # --------------------------------------------------------------------------- 1x1 conv (+ epilogue)
 
 
-def _forward_configs(configs, named_args, **kwargs):
-    return kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS[named_args["lateral_ptr"].element_size()]
+def forward_config(c_out: int, pixels: int, n: int, element_size: int) -> triton.Config:
+    """The forward's config, from the shape: the largest tile that still launches
+    MIN_PROGRAMS programs (else the smallest). No timing, so no tuning ever runs."""
+    if INTERPRETING:
+        return kernels.UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG
 
+    def fits(meta: dict) -> bool:
+        tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
+        return tiles * n >= MIN_PROGRAMS
 
-_upsample_add_conv1x1_autotuned = triton.autotune(
-    configs=[c for cs in kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS.values() for c in cs],
-    key=["C_in", "C_out", "P", "W", "CHANNELS_LAST"],  # triton adds the tensors' dtypes
-    prune_configs_by={"early_config_prune": _forward_configs},
-)(kernels.upsample_add_conv1x1_kernel)
+    return _pick(kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size], fits)
 
 
 def _conv1x1(
@@ -125,22 +145,24 @@ def _conv1x1(
     weight: Tensor,
     bias: Tensor | None,
     top: Tensor | None,
-    src_tables: tuple[Tensor, Tensor] | None,
+    index: NearestIndex | None,
     channels_last: bool,
-    autotune: bool,
 ) -> Tensor:
-    """``weight @ lateral (+ bias) (+ top[src_tables])`` per image, one launch."""
+    """``weight @ lateral (+ bias) (+ top[nearest source])`` per image, one launch."""
     n, c_in, height, width = lateral.shape
     c_out = weight.shape[0]
     pixels = height * width
     out = torch.empty((n, c_out, height, width), device=lateral.device, dtype=lateral.dtype,
                       memory_format=_memory_format(channels_last))
     top_h, top_w = top.shape[2:] if top is not None else (0, 0)
-    no_table = _int32_placeholder(lateral.device)
-    src_row, src_col = src_tables if src_tables is not None else (no_table, no_table)
+    src_row, src_col = index.pointers(out) if index is not None else (out, out)
+    scale_h, scale_w = index.scales if index is not None else (1.0, 1.0)
+    config = forward_config(c_out, pixels, n, lateral.element_size())
+    meta = config.kwargs
+    tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
     args = (
         lateral, weight, bias if bias is not None else out, top if top is not None else out,
-        src_row, src_col, out, c_in, c_out, pixels, width, top_h, top_w,
+        src_row, src_col, out, c_in, c_out, pixels, width, top_h, top_w, scale_h, scale_w, tiles,
     )
     flags = dict(
         HAS_BIAS=bias is not None,
@@ -148,24 +170,12 @@ def _conv1x1(
         CHANNELS_LAST=channels_last,
         INT64_INDEX=_int64_index(lateral[0].numel(), out[0].numel(),
                                  top[0].numel() if top is not None else 0),
-        PIXEL_ALIGN=pixel_align(pixels),
+        PIXEL_ALIGN=pixel_align(pixels, channels_last),
+        INDEX_TABLES=index is not None and index.from_tables,
+        EXACT=index is not None and index.exact,
         **_dot_flags(lateral),
     )
-
-    def programs(meta: dict) -> int:
-        return triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
-
-    if INTERPRETING:
-        _launch(kernels.upsample_add_conv1x1_kernel,
-                (programs(kernels.UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG.kwargs), n), args, flags,
-                kernels.UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG)
-    elif autotune and not torch.are_deterministic_algorithms_enabled():
-        _upsample_add_conv1x1_autotuned[lambda meta: (programs(meta), n)](*args, **flags)
-    else:
-        configs = kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS[lateral.element_size()]
-        config = _pick(configs, lambda meta: programs(meta) * n >= MIN_PROGRAMS)
-        _launch(kernels.upsample_add_conv1x1_kernel, (programs(config.kwargs), n), args, flags,
-                config)
+    _launch(kernels.upsample_add_conv1x1_kernel, (tiles * n,), args, flags, config)
     return out
 
 
@@ -186,22 +196,23 @@ def _weight_grad_config(c_out: int, c_in: int, element_size: int) -> triton.Conf
 
 def weight_grad_split(n: int, pixels: int, tiles: int, block_k: int) -> tuple[int, int]:
     """(chunk_pixels, chunks_per_image) of the grad_weight reduction: the largest chunk that
-    still gives MIN_PROGRAMS programs, at least 8 pixel steps per program, a grid dimension
-    within CUDA's limit. A function of the shape and config only, hence deterministic."""
-    chunk = max(8 * block_k, n * pixels * tiles // MIN_PROGRAMS,
-                triton.cdiv(pixels, max(1, MAX_GRID_Y // n)))
+    still gives MIN_PROGRAMS programs, at least 8 pixel steps per program. A function of the
+    shape and config only, hence deterministic."""
+    chunk = max(8 * block_k, n * pixels * tiles // MIN_PROGRAMS)
     chunk = min(triton.cdiv(chunk, block_k) * block_k, triton.cdiv(pixels, block_k) * block_k)
     return chunk, triton.cdiv(pixels, chunk)
 
 
-def _ordered_sum(partial: Tensor, out: Tensor) -> None:
-    """out = partial.sum(0) in split order (fp32), cast to out's dtype."""
-    numel = out.numel()
+def _ordered_sum(partial: Tensor, out: Tensor, tail: Tensor | None) -> None:
+    """partial.sum(0) in split order (fp32), cast: the first out.numel() elements to out, the
+    rest to tail (one launch for grad_weight and grad_bias)."""
+    numel = partial.shape[1]
     config = (kernels.ORDERED_SUM_INTERPRET_CONFIG if INTERPRETING
               else kernels.ORDERED_SUM_CONFIGS[0])
     grid = (triton.cdiv(numel, config.kwargs["BLOCK"]),)
-    _launch(kernels.ordered_sum_kernel, grid, (partial, out, partial.shape[0], numel), {},
-            config)
+    args = (partial, out, tail if tail is not None else out, partial.shape[0], numel,
+            out.numel())
+    _launch(kernels.ordered_sum_kernel, grid, args, {}, config)
 
 
 def _weight_and_bias_grad(
@@ -215,25 +226,22 @@ def _weight_and_bias_grad(
     tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(c_in, meta["BLOCK_CI"])
     chunk, chunks_per_image = weight_grad_split(n, pixels, tiles, meta["BLOCK_K"])
     splits = n * chunks_per_image
-    f32 = dict(device=lateral.device, dtype=torch.float32)
-    weight_partial = torch.empty((splits, c_out, c_in), **f32)
-    bias_partial = torch.empty((splits, c_out), **f32) if need_bias else weight_partial
+    # One fp32 row per split: grad_weight's partial sum, then grad_bias's.
+    partial = torch.empty((splits, c_out * c_in + (c_out if need_bias else 0)),
+                          device=lateral.device, dtype=torch.float32)
     flags = dict(
         HAS_BIAS=need_bias,
         CHANNELS_LAST=channels_last,
         INT64_INDEX=_int64_index(lateral[0].numel(), grad_out[0].numel()),
-        PIXEL_ALIGN=pixel_align(pixels),
+        PIXEL_ALIGN=pixel_align(pixels, channels_last),
         **_dot_flags(lateral),
     )
-    args = (grad_out, lateral, weight_partial, bias_partial, c_in, c_out, pixels, chunk,
-            chunks_per_image)
-    _launch(kernels.conv1x1_weight_grad_kernel, (tiles, splits), args, flags, config)
+    args = (grad_out, lateral, partial, c_in, c_out, pixels, chunk, chunks_per_image)
+    _launch(kernels.conv1x1_weight_grad_kernel, (splits, tiles), args, flags, config)
     grad_weight = torch.empty((c_out, c_in), device=lateral.device, dtype=lateral.dtype)
-    _ordered_sum(weight_partial, grad_weight)
-    grad_bias = None
-    if need_bias:
-        grad_bias = torch.empty((c_out,), device=lateral.device, dtype=lateral.dtype)
-        _ordered_sum(bias_partial, grad_bias)
+    grad_bias = (torch.empty((c_out,), device=lateral.device, dtype=lateral.dtype)
+                 if need_bias else None)
+    _ordered_sum(partial, grad_weight, grad_bias)
     return grad_weight, grad_bias
 
 
@@ -255,10 +263,8 @@ def _upsample_grad(grad_out: Tensor, top_hw: Sequence[int], mode: str,
     n, c_out, height, width = grad_out.shape
     top_h, top_w = (int(s) for s in top_hw)
     scale_h, scale_w = _axis_scales(scale_factor)
-    tables = [
-        index_table_tensor("ranges", top_size, size, scale, mode, index_kernel, grad_out.device)
-        for top_size, size, scale in ((top_h, height, scale_h), (top_w, width, scale_w))
-    ]
+    index = NearestIndex("ranges", (top_h, top_w), (height, width), scale_factor, mode,
+                         index_kernel, grad_out.device)
     max_rows = _longest_range(top_h, height, scale_h, mode, index_kernel)
     max_cols = _longest_range(top_w, width, scale_w, mode, index_kernel)
     grad_top = torch.empty((n, c_out, top_h, top_w), device=grad_out.device, dtype=grad_out.dtype,
@@ -266,11 +272,13 @@ def _upsample_grad(grad_out: Tensor, top_hw: Sequence[int], mode: str,
     config = (kernels.NEAREST_UPSAMPLE_GRAD_INTERPRET_CONFIG if INTERPRETING
               else kernels.NEAREST_UPSAMPLE_GRAD_CONFIGS[grad_out.element_size()][0])
     meta = config.kwargs
-    grid = (triton.cdiv(c_out, meta["BLOCK_C"]) * triton.cdiv(top_h * top_w, meta["BLOCK_T"]), n)
-    args = (grad_out, *tables, grad_top, c_out, height, width, top_h, top_w, max_rows, max_cols)
+    tiles = triton.cdiv(c_out, meta["BLOCK_C"]) * triton.cdiv(top_h * top_w, meta["BLOCK_T"])
+    args = (grad_out, *index.pointers(grad_top), grad_top, c_out, height, width, top_h, top_w,
+            max_rows, max_cols, *index.scales, height.bit_length(), width.bit_length(), tiles)
     flags = dict(CHANNELS_LAST=channels_last,
-                 INT64_INDEX=_int64_index(grad_out[0].numel(), grad_top[0].numel()))
-    _launch(kernels.nearest_upsample_grad_kernel, grid, args, flags, config)
+                 INT64_INDEX=_int64_index(grad_out[0].numel(), grad_top[0].numel()),
+                 INDEX_TABLES=index.from_tables, EXACT=index.exact)
+    _launch(kernels.nearest_upsample_grad_kernel, (tiles * n,), args, flags, config)
     return grad_top
 
 
@@ -287,18 +295,11 @@ def forward(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor, m
     if _degenerate(lateral, weight, top):  # zero-sized: eager's answer, as ops.py gives
         return _eager_backend.forward(lateral, weight, bias, top, mode, scale_factor,
                                       channels_last, index_kernel)
-    n, _, height, width = lateral.shape
-    _check_batch(n)
-    top_h, top_w = top.shape[2:]
-    scale_h, scale_w = _axis_scales(scale_factor)
     # index_kernel: the ATen index computation eager's interpolate runs for the caller's top
-    # (it differs by device, and on CPU by layout and size). The tables come from the one
-    # implementation of that math, fpn_kernels.indexing.
-    src_tables = (
-        index_table_tensor("source", top_h, height, scale_h, mode, index_kernel, lateral.device),
-        index_table_tensor("source", top_w, width, scale_w, mode, index_kernel, lateral.device),
-    )
-    return _conv1x1(lateral, weight, bias, top, src_tables, channels_last, autotune=True)
+    # (it differs by device, and on CPU by layout and size); its math is fpn_kernels.indexing.
+    index = NearestIndex("source", top.shape[2:], lateral.shape[2:], scale_factor, mode,
+                         index_kernel, lateral.device)
+    return _conv1x1(lateral, weight, bias, top, index, channels_last)
 
 
 def backward(grad_out: Tensor, lateral: Tensor, weight: Tensor, top_hw: Sequence[int], mode: str,
@@ -307,12 +308,11 @@ def backward(grad_out: Tensor, lateral: Tensor, weight: Tensor, top_hw: Sequence
     if _degenerate(grad_out, lateral, weight):
         return _eager_backend.backward(grad_out, lateral, weight, top_hw, mode, scale_factor,
                                        channels_last, index_kernel, needs)
-    _check_batch(grad_out.shape[0])
     need_lateral, need_weight, need_bias, need_top = (bool(x) for x in needs)
     grad_lateral = grad_weight = grad_bias = grad_top = None
     if need_lateral:  # grad_lateral = weight^T @ grad_out: the forward kernel, no epilogue
         grad_lateral = _conv1x1(grad_out, weight.t().contiguous(), None, None, None,
-                                channels_last, autotune=False)
+                                channels_last)
     if need_weight or need_bias:
         grad_weight, grad_bias = _weight_and_bias_grad(grad_out, lateral, channels_last,
                                                        need_bias)

@@ -46,3 +46,33 @@ def bytes_moved(level: LevelShape, element_size: int) -> tuple[int, int]:
 def roofline_seconds(nbytes: int, bandwidth: float = H100_SXM_BANDWIDTH) -> float:
     """The time to move ``nbytes`` at ``bandwidth`` bytes/s: the memory-bound lower bound."""
     return nbytes / bandwidth
+
+
+def backward_bytes(level: LevelShape, element_size: int, splits: int) -> dict[str, int]:
+    """HBM bytes of the Triton backward AS IMPLEMENTED (fpn_kernels/triton/launch.py), per
+    launch, every gradient needed; L2 reuse between neighbouring tiles counts as free, so each
+    launch reads an operand once:
+
+    * grad_lateral  (forward kernel, weight^T, no epilogue): read grad_out, weight; write
+      grad_lateral;
+    * grad_weight + grad_bias partials (``conv1x1_weight_grad_kernel``): read grad_out, lateral;
+      write ``splits`` fp32 rows of Co*Ci + Co;
+    * ordered sum (``ordered_sum_kernel``, one launch for both): read the fp32 partials; write
+      grad_weight, grad_bias;
+    * grad_top (``nearest_upsample_grad_kernel``): read grad_out; write grad_top.
+
+    So grad_out is read three times (once per launch that needs it), not once.
+    """
+    e = element_size
+    n, ci, co = level.n, level.c_in, level.c_out
+    out_pixels = level.out_hw[0] * level.out_hw[1]
+    top_pixels = level.top_hw[0] * level.top_hw[1]
+    grad_out, lateral = n * co * out_pixels, n * ci * out_pixels
+    weight, top = co * ci, n * co * top_pixels
+    partials = 4 * splits * (co * ci + co)
+    return {
+        "grad_lateral": e * (grad_out + weight + lateral),
+        "grad_weight_partials": e * (grad_out + lateral) + partials,
+        "ordered_sum": partials + e * (weight + co),
+        "grad_top": e * (grad_out + top),
+    }
