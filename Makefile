@@ -38,3 +38,21 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info fpn_kernels/*.so
+
+# The GPU machine's stack (torch 2.11 / torchvision 0.26 / triton 3.6, no registry there): a
+# second venv, a copy of the working tree (so its extensions never replace .venv's in place),
+# the extensions built against torch 2.11, then the CPU suite, which includes the Triton
+# interpreter run and the sm_80/sm_90 AOT checks. Downloads several GB once. Not part of `test`.
+COMPAT     := .venv-compat
+CPY        := $(abspath $(COMPAT))/bin/python
+COMPAT_SRC := $(COMPAT)/src
+
+.PHONY: test-compat
+test-compat:
+	test -x $(CPY) || $(PY) -m venv $(COMPAT)
+	$(CPY) -m pip install -q torch==2.11.0 torchvision==0.26.0 ninja numpy pytest pytest-benchmark hypothesis
+	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(COMPAT_SRC)
+	cd $(COMPAT_SRC) && $(CPY) setup.py -q build_ext --inplace
+	cd $(COMPAT_SRC) && $(CPY) -c "import torch, triton; print('test-compat: torch', torch.__version__, 'triton', triton.__version__)"
+	cd $(COMPAT_SRC) && $(CPY) -m pytest -q tests --benchmark-disable -p no:cacheprovider
