@@ -96,7 +96,10 @@ def check_scale_factor_size(
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype ``torch.autocast`` gives conv2d on ``device_type``, or None when it is off."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # CPU and CUDA always have autocast; asking is_autocast_available() only for other devices
+    # also keeps torch 2.11's dynamo, which cannot trace that call, out of it.
+    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
