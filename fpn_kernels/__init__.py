@@ -15,11 +15,13 @@ from .reference import upsample_add_conv1x1_reference
 
 __all__ = [
     "BackendUnavailableError",
+    "ConversionWarning",
     "CpuOutputCacheInfo",
     "FusedFPN",
     "available_backends",
     "backend_report",
     "convert",
+    "convert_with_report",
     "cpu_output_cache_info",
     "empty_cpu_output_cache",
     "models",
@@ -37,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from . import modules
 
         return getattr(modules, name)
+    if name in ("ConversionWarning", "convert_with_report"):
+        from . import frameworks
+
+        return getattr(frameworks, name)
     if name == "models":
         import importlib
 
