@@ -27,10 +27,22 @@ CASES = {
     **{f"seed-{lv.name}": lv for lv in cases.preset_levels("seed")},
 }
 IMPLS = [cases.EAGER, cases.COMPILE, *cases.backend_impls(DEVICE, DTYPE)]
+# The regression matrix: the first and last R50 levels (GEMM-bound P4, memory-heavy P2) in
+# every (dtype, layout) the CPU speed goals name.
+MATRIX_CASES = ["r50-P4", "r50-P2"]
+MATRIX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MATRIX_LAYOUTS = {"nchw": False, "channels_last": True}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Parameter names `case` and `backend`: --benchmark-group-by=param:case groups by them.
+    if "dtype" in metafunc.fixturenames:  # the (dtype, layout) matrix
+        metafunc.parametrize("case", MATRIX_CASES)
+        metafunc.parametrize("layout", list(MATRIX_LAYOUTS))
+        params = [(d, b) for d, dtype in MATRIX_DTYPES.items()
+                  for b in [cases.EAGER, cases.COMPILE, *cases.backend_impls(DEVICE, dtype)]]
+        metafunc.parametrize(("dtype", "backend"), params, ids=[f"{d}-{b}" for d, b in params])
+        return
     if "case" in metafunc.fixturenames:
         metafunc.parametrize("case", list(CASES))
     if "backend" in metafunc.fixturenames:
@@ -54,12 +66,16 @@ def bench_level(benchmark):
     """``bench_level(case, backend, direction)``: benchmark one implementation on one level,
     then check its output (and gradients) against eager on the same inputs."""
 
-    def run(case: str, backend: str, direction: str) -> None:
+    def run(case: str, backend: str, direction: str, dtype: str = "float32",
+            layout: str = "nchw") -> None:
         smoke = benchmark.disabled
         level = CASES[case].smoke() if smoke else CASES[case]
         backward = direction == "fwd+bwd"
-        inputs = cases.make_inputs(level, DTYPE, False, DEVICE, requires_grad=backward)
-        grad_out = cases.make_grad_out(level, DTYPE, False, DEVICE) if backward else None
+        torch_dtype, channels_last = MATRIX_DTYPES[dtype], MATRIX_LAYOUTS[layout]
+        inputs = cases.make_inputs(level, torch_dtype, channels_last, DEVICE,
+                                   requires_grad=backward)
+        grad_out = (cases.make_grad_out(level, torch_dtype, channels_last, DEVICE)
+                    if backward else None)
 
         reference = cases.step(cases.make_impl(cases.EAGER, DEVICE), inputs, direction, grad_out)
         expected = [reference().detach()] + [t.grad for t in inputs if backward]
@@ -68,7 +84,7 @@ def bench_level(benchmark):
         fn = _synchronized(cases.step(impl, inputs, direction, grad_out))
         if not smoke:
             fn()  # compiles torch.compile: not part of the timing
-        benchmark.group = f"{direction} {case}"
+        benchmark.group = f"{direction} {case} {dtype} {layout}"
         benchmark.extra_info.update(level=level.describe(), direction=direction,
                                     gemm_gflop=2 * level.n * level.c_out * level.c_in
                                     * level.pixels / 1e9)
@@ -78,7 +94,7 @@ def bench_level(benchmark):
         names = ["out"] + (["lateral", "weight", "bias", "top"] if backward else [])
         for name, actual, want in zip(names, got, expected, strict=True):
             scale = 1.0 if name == "out" else gradient_scale(level, name)
-            problem = compare(actual, want, tolerance(DTYPE, DEVICE), scale=scale)
+            problem = compare(actual, want, tolerance(torch_dtype, DEVICE), scale=scale)
             assert problem is None, f"{backend} {case} {direction} {name}: {problem}"
 
     return run
