@@ -50,7 +50,7 @@ COMPAT_SRC := $(COMPAT)/src
 .PHONY: test-compat
 test-compat:
 	test -x $(CPY) || $(PY) -m venv $(COMPAT)
-	$(CPY) -m pip install -q torch==2.11.0 torchvision==0.26.0 ninja numpy pytest pytest-benchmark hypothesis
+	$(CPY) -m pip install -q torch==2.11.0 torchvision==0.26.0 ninja numpy pytest pytest-benchmark hypothesis rich matplotlib
 	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(COMPAT_SRC)
 	cd $(COMPAT_SRC) && $(CPY) setup.py -q build_ext --inplace

@@ -26,13 +26,18 @@ def class_path(cls: type) -> str:
 
 
 def view_as(module: nn.Module, cls: type[_Module]) -> _Module:
-    """``module`` seen as an instance of ``cls``: a new object that shares ``module``'s
-    ``__dict__`` itself (parameters, buffers, submodules, flags), so it can never go stale, not
-    even after ``module.to(...)`` replaces buffers. For reading a module with code written for
-    ``cls`` when the two compute the same function (detectron2's Conv2d is ``nn.Conv2d``'s
-    conv; its FrozenBatchNorm2d is torchvision's)."""
+    """``module`` seen as an instance of ``cls``: a new object holding, attribute by attribute,
+    what ``module`` holds now under the names a ``cls`` instance has (:data:`_VIEW_ATTRIBUTES`):
+    its parameter, buffer, submodule and hook containers themselves (so ``module.to(...)``
+    shows through), its flags and hyperparameters as they are. For reading a module with code
+    written for ``cls`` when the two compute the same function (detectron2's Conv2d is
+    ``nn.Conv2d``'s conv; its FrozenBatchNorm2d is torchvision's); built afresh on every call.
+    Name by name rather than by sharing ``__dict__``: torch 2.11's dynamo traces neither a
+    module's ``__dict__`` nor one swapped in by ``object.__setattr__``, so
+    ``torch.compile(fullgraph=True)`` of a converted model needs this form."""
     view = cls.__new__(cls)
-    object.__setattr__(view, "__dict__", module.__dict__)
+    for name in _VIEW_ATTRIBUTES[cls]:
+        object.__setattr__(view, name, getattr(module, name))
     return view
 
 
@@ -53,6 +58,12 @@ NORM_VIEWS: dict[str, type[nn.Module]] = {
     "detectron2.layers.batch_norm.NaiveSyncBatchNorm": nn.BatchNorm2d,
     # mmdet's "SyncBN": only its input-dimension check differs from torch's.
     "mmengine.utils.dl_utils.parrots_wrapper.SyncBatchNorm": nn.SyncBatchNorm,
+}
+# The instance attributes of every class a module is viewed as (view_as), read once from an
+# instance of it.
+_VIEW_ATTRIBUTES: dict[type[nn.Module], tuple[str, ...]] = {
+    cls: tuple(vars(cls(1, 1, 1) if issubclass(cls, nn.Conv2d) else cls(1)))
+    for cls in (nn.Conv2d, *NORM_VIEWS.values())
 }
 
 
