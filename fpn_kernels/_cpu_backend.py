@@ -11,6 +11,44 @@ def unavailable_reason() -> str | None:
     return _cpp.load("_C")
 
 
+# backend="auto" leaves a merge to eager where eager's oneDNN convolution has native bfloat16
+# GEMMs and this kernel does not, on GEMM-bound levels (C_in >= 512: R50's P4, P3). Measured,
+# forward, cpu / eager time in one interleaved `bench` run each:
+# * Zen 4 EPYC (AVX512-BF16, no AMX; 2026-12-02): bf16 NCHW P4 2.1x, P3 1.25x slower; channels_last
+#   P4 2.6x, P3 2.3x slower; P2 (C_in 256) 1.5x / 1.2x faster, so it stays on this kernel.
+# * Sapphire Rapids (AMX; issue #14's run): bf16 channels_last P4 1.9x, P3 1.1x slower forward and
+#   2.0x / 1.3x slower forward+backward, while NCHW runs on AMX here and wins (1.9x-2.4x).
+# An explicit backend="cpu" still runs them. The rule reads the ISA, never a timing.
+GEMM_BOUND_C_IN = 512
+
+
+def _amx_bf16() -> bool:
+    """Whether the kernels' bfloat16 GEMMs run on AMX tiles now (AMX-BF16 and oneDNN on)."""
+    return bool(torch.ops.fpn_kernels.cpu_amx_bf16_gemm())
+
+
+def _has_avx512_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def auto_declines(dtype: torch.dtype, channels_last: bool, c_in: int | None) -> str | None:
+    """Why ``backend="auto"`` should not pick this kernel for these inputs, or None."""
+    if dtype != torch.bfloat16 or c_in is None or c_in < GEMM_BOUND_C_IN:
+        return None
+    if not torch.backends.mkldnn.enabled:
+        return None  # eager's bf16 conv is then ATen's slow fallback: this kernel wins
+    if _amx_bf16():
+        if channels_last:
+            return (f"bfloat16 channels_last with C_in >= {GEMM_BOUND_C_IN}: eager's oneDNN "
+                    "convolution on AMX is faster than this kernel's AMX GEMMs there")
+        return None
+    if _has_avx512_bf16():
+        return (f"bfloat16 with C_in >= {GEMM_BOUND_C_IN} on a CPU with AVX512-BF16 but no "
+                "AMX: eager's oneDNN convolution multiplies in bfloat16, this kernel in float32")
+    return None
+
+
 def details() -> str:
     """How the kernels run here: the threads their at::parallel_for gets (one when the extension
     was built without the OpenMP that torch's parallel backend needs), and how bfloat16 tiles
@@ -19,12 +57,17 @@ def details() -> str:
     text = f"at::parallel_for on {threads} of {wanted} intra-op threads"
     if threads < wanted:
         text += " (built without OpenMP: the kernels' tiles run one after another)"
-    if torch.ops.fpn_kernels.cpu_amx_bf16_gemm():
+    if _amx_bf16():
         text += "; bfloat16 GEMMs on AMX tiles via oneDNN's brgemm"
     else:
         why = ("torch.backends.mkldnn is disabled" if not torch.backends.mkldnn.enabled
                else "no AMX-BF16 on this CPU")
         text += f"; bfloat16 GEMMs as float32: {why}"
+    if auto_declines(torch.bfloat16, True, GEMM_BOUND_C_IN) is not None:
+        layouts = "channels_last" if auto_declines(torch.bfloat16, False, GEMM_BOUND_C_IN) is None \
+            else "any layout"
+        text += (f"; backend='auto' leaves bfloat16 merges with C_in >= {GEMM_BOUND_C_IN} "
+                 f"({layouts}) to eager's oneDNN convolution, which is faster there")
     return text
 
 

@@ -87,8 +87,12 @@ class Backend:
         return devices or self.devices
 
     def not_supported_reasons(
-        self, device: torch.device, dtype: torch.dtype, auto: bool = False
+        self, device: torch.device, dtype: torch.dtype, auto: bool = False,
+        channels_last: bool = False, c_in: int | None = None,
     ) -> list[str]:
+        """Why this backend cannot take the inputs; with ``auto``, also why ``backend="auto"``
+        leaves inputs it can run to a later backend (the impl's ``auto_declines`` rule on
+        dtype, layout, ``c_in`` and the CPU's ISA: never a timing taken at run time)."""
         reasons = []
         if self.unavailable_reason is not None:
             reasons.append(f"not available: {self.unavailable_reason}")
@@ -98,6 +102,11 @@ class Backend:
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"dtype {dtype} not supported (supports {names})")
+        declines = getattr(self._impl, "auto_declines", None)
+        if auto and not reasons and declines is not None:
+            why = declines(dtype, channels_last, c_in)
+            if why is not None:
+                reasons.append(f"auto leaves these inputs to eager: {why}")
         return reasons
 
 
@@ -154,14 +163,17 @@ def backend_report() -> str:
     return "\n".join(lines)
 
 
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``requested`` ("auto" or a name) for inputs on ``device`` with ``dtype``."""
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype,
+                   channels_last: bool = False, c_in: int | None = None) -> str:
+    """Resolve ``requested`` ("auto" or a name) for inputs on ``device`` with ``dtype``, in
+    ``channels_last`` layout or not, with ``c_in`` input channels (None: unknown)."""
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
     if requested == "auto":
         all_reasons = {}
         for name, b in BACKENDS.items():
-            reasons = b.not_supported_reasons(device, dtype, auto=True)
+            reasons = b.not_supported_reasons(device, dtype, auto=True,
+                                              channels_last=channels_last, c_in=c_in)
             if not reasons:
                 return name
             all_reasons[name] = reasons

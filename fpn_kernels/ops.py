@@ -231,7 +231,9 @@ def _normalize(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor
 # Constant for a traced graph: torch.compile must not trace into the registry (imports, caches).
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, t: Tensor) -> str:
-    return backends.select_backend(backend, t.device, t.dtype)
+    """``t``: lateral (its device, dtype, layout and C_in choose under "auto")."""
+    return backends.select_backend(backend, t.device, t.dtype, is_channels_last(t),
+                                   int(t.shape[1]))
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -1,0 +1,99 @@
+"""backend="auto" on CPU: the documented ISA rule that leaves GEMM-bound bfloat16 merges to
+eager where eager's oneDNN convolution has native bfloat16 GEMMs and the fused kernel does not
+(``fpn_kernels/_cpu_backend.py``: ``auto_declines``, with the measurements behind it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpn_kernels
+from fpn_kernels import _cpu_backend, backends
+from tests.conftest import make_inputs, torch_switch
+
+CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.skipif(
+    backends.BACKENDS["cpu"].unavailable_reason is not None, reason="needs the C++ extension")
+
+
+@pytest.fixture
+def isa(monkeypatch):
+    """``isa(amx=..., avx512_bf16=...)``: the CPU the rule sees."""
+
+    def set_isa(amx: bool, avx512_bf16: bool):
+        monkeypatch.setattr(_cpu_backend, "_amx_bf16", lambda: amx)
+        monkeypatch.setattr(_cpu_backend, "_has_avx512_bf16", lambda: avx512_bf16)
+
+    return set_isa
+
+
+def auto(dtype=torch.bfloat16, channels_last=False, c_in=1024):
+    return backends.select_backend("auto", CPU, dtype, channels_last, c_in)
+
+
+# (amx, avx512_bf16, channels_last, c_in) -> what auto picks for bfloat16
+RULE = [
+    # Zen 4 / Ice Lake kind: AVX512-BF16, no AMX: eager for GEMM-bound levels in any layout
+    (False, True, False, 1024, "eager"), (False, True, True, 512, "eager"),
+    (False, True, False, 256, "cpu"), (False, True, True, 256, "cpu"),
+    # Sapphire Rapids kind: AMX: eager only for channels_last GEMM-bound levels
+    (True, True, True, 1024, "eager"), (True, True, False, 1024, "cpu"),
+    (True, True, True, 256, "cpu"),
+    # AVX2 only (Zen 3 kind): eager's bf16 conv is emulated there, the kernel always wins
+    (False, False, False, 1024, "cpu"), (False, False, True, 2048, "cpu"),
+]
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "channels_last", "c_in", "want"), RULE)
+def test_auto_rule(isa, amx, avx512_bf16, channels_last, c_in, want):
+    isa(amx=amx, avx512_bf16=avx512_bf16)
+    assert auto(channels_last=channels_last, c_in=c_in) == want
+    # An explicit request is never overruled.
+    assert backends.select_backend("cpu", CPU, torch.bfloat16, channels_last, c_in) == "cpu"
+
+
+def test_the_rule_is_bfloat16_only_and_needs_onednn(isa):
+    isa(amx=False, avx512_bf16=True)
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        assert auto(dtype=dtype) == "cpu"
+    assert auto(c_in=None) == "cpu"  # unknown channels: no rule
+    with torch_switch(torch.backends.mkldnn, "enabled", False):
+        assert auto() == "cpu"  # eager's bf16 conv leaves oneDNN then: the kernel wins
+    assert auto() == "eager"
+
+
+def test_the_reason_is_reported(isa):
+    isa(amx=False, avx512_bf16=True)
+    reasons = backends.BACKENDS["cpu"].not_supported_reasons(CPU, torch.bfloat16, auto=True,
+                                                             c_in=1024)
+    assert any("AVX512-BF16 but no AMX" in r for r in reasons), reasons
+    assert "leaves bfloat16 merges with C_in >= 512 (any layout)" in _cpu_backend.details()
+    isa(amx=True, avx512_bf16=True)
+    assert "(channels_last)" in _cpu_backend.details()
+    isa(amx=False, avx512_bf16=False)
+    assert "leaves" not in _cpu_backend.details()
+
+
+def fused_kernel_calls(fn) -> int:
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "fpn_kernels::fused_forward")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_op_follows_the_rule_end_to_end(isa, channels_last):
+    isa(amx=False, avx512_bf16=True)
+    big = make_inputs(c_in=512, c_out=8, dtype=torch.bfloat16, channels_last=channels_last)
+    small = make_inputs(c_in=64, c_out=8, dtype=torch.bfloat16, channels_last=channels_last)
+    want = fpn_kernels.upsample_add_conv1x1_reference(*big)
+    got = None
+
+    def call():
+        nonlocal got
+        got = fpn_kernels.upsample_add_conv1x1(*big)
+
+    assert fused_kernel_calls(call) == 0
+    assert torch.equal(got, want)  # eager: the spec itself
+    assert fused_kernel_calls(lambda: fpn_kernels.upsample_add_conv1x1(*small)) == 1
+    assert fused_kernel_calls(lambda: fpn_kernels.upsample_add_conv1x1(*big, backend="cpu")) == 1
