@@ -8,6 +8,10 @@ import torch
 def cudnn_conv_allows_tf32() -> bool:
     """ATen's ``allowTF32CuDNN("conv")``: ``cudnn.conv.fp32_precision``, else
     ``cudnn.fp32_precision``, else ``torch.backends.fp32_precision``; "none" means unset.
+    The conv setting's starting value differs by version, and this follows ATen on each
+    (tests/test_precision.py compares it with ``allowTF32CuDNN(CONV)`` itself): torch 2.11
+    starts it at "tf32", so a parent set to "ieee" leaves conv2d on TF32; torch 2.14 starts it
+    at "default", which reads back as the parents' setting.
 
     Reading the legacy ``torch.backends.cudnn.allow_tf32`` raises once a user has set precision
     through the newer ``fp32_precision`` settings, so it is consulted only on torch versions
