@@ -43,6 +43,9 @@ clean:
 # second venv, a copy of the working tree (so its extensions never replace .venv's in place),
 # the extensions built against torch 2.11, then the CPU suite, which includes the Triton
 # interpreter run and the sm_80/sm_90 AOT checks. Downloads several GB once. Not part of `test`.
+# numpy < 2.4: triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4
+# refuses, so every kernel loop over a runtime bound fails there (triton 3.8 squeezes first);
+# compiled kernels do not use numpy.
 COMPAT     := .venv-compat
 CPY        := $(abspath $(COMPAT))/bin/python
 COMPAT_SRC := $(COMPAT)/src
@@ -50,7 +53,7 @@ COMPAT_SRC := $(COMPAT)/src
 .PHONY: test-compat
 test-compat:
 	test -x $(CPY) || $(PY) -m venv $(COMPAT)
-	$(CPY) -m pip install -q torch==2.11.0 torchvision==0.26.0 ninja numpy pytest pytest-benchmark hypothesis rich matplotlib
+	$(CPY) -m pip install -q torch==2.11.0 torchvision==0.26.0 ninja "numpy<2.4" pytest pytest-benchmark hypothesis rich matplotlib
 	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(COMPAT_SRC)
 	cd $(COMPAT_SRC) && $(CPY) setup.py -q build_ext --inplace
