@@ -15,8 +15,11 @@ Layers, outermost first:
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import math
 import numbers  # numpy scalars count as real scale factors, like in F.interpolate
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -262,6 +265,55 @@ def _upsample_add_conv1x1(
     )
 
 
+def _declare_inductor_fallbacks(lowering) -> None:
+    """Tell Inductor that both ops run as they are (a fallback kernel call). Left to itself it
+    creates an implicit fallback when it first lowers one, and with the environment variable CI
+    set (as in most CI systems) that refuses an op with a decomposition in torch._decomp's
+    table, which the forward op has for the ONNX exporter (fpn_kernels/export.py)."""
+    for op in (torch.ops.fpn_kernels.upsample_add_conv1x1.default,
+               torch.ops.fpn_kernels.upsample_add_conv1x1_backward.default):
+        if op not in lowering.lowerings:
+            # The layout constraint Inductor's own implicit fallback would pick for the op.
+            tag = torch._library.utils.get_layout_constraint_tag(op, with_default=True)
+            lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag),
+                                   warn=False, override_decomp=True)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``callback(module)`` once ``name`` has been imported, so that importing
+    fpn_kernels does not import Inductor (~1.5 s) just to register with it."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+
+        class Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                callback(module)
+
+        spec.loader = Loader()
+        return spec
+
+
+def _when_imported(name: str, callback) -> None:
+    if name in sys.modules:
+        callback(sys.modules[name])
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
 @_upsample_add_conv1x1.register_fake
 def _(lateral, weight, bias, top, mode="nearest", scale_factor=None, backend="auto"):
     n, _, h, w = lateral.shape
@@ -357,6 +409,7 @@ def _backward(ctx, grad_out):
 
 
 _upsample_add_conv1x1.register_autograd(_backward, setup_context=_setup_context)
+_when_imported("torch._inductor.lowering", _declare_inductor_fallbacks)
 
 
 # --------------------------------------------------------------------------- public API
