@@ -63,9 +63,10 @@ def details() -> str:
         why = ("torch.backends.mkldnn is disabled" if not torch.backends.mkldnn.enabled
                else "no AMX-BF16 on this CPU")
         text += f"; bfloat16 GEMMs as float32: {why}"
-    if auto_declines(torch.bfloat16, True, GEMM_BOUND_C_IN) is not None:
-        layouts = "channels_last" if auto_declines(torch.bfloat16, False, GEMM_BOUND_C_IN) is None \
-            else "any layout"
+    declined = [auto_declines(torch.bfloat16, cl, GEMM_BOUND_C_IN) is not None
+                for cl in (False, True)]  # NCHW, channels_last
+    if any(declined):
+        layouts = "any layout" if all(declined) else "channels_last"
         text += (f"; backend='auto' leaves bfloat16 merges with C_in >= {GEMM_BOUND_C_IN} "
                  f"({layouts}) to eager's oneDNN convolution, which is faster there")
     return text

@@ -64,13 +64,17 @@ def decompose(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor,
 # --------------------------------------------------------------------------- legacy exporter
 
 
+def _const(g, value, dtype=None):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
 def _axis_indices(g, top, lateral, axis: int, mode: str, scale: float | None):
     """int64 source index of every destination pixel along ``axis``, as ATen computes it in
     float32: ``min(floor((dst + offset) * step), in - 1)``, ``step = in / out`` or ``1 / s``."""
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
 
     def size(t):  # a 0-D int64
-        return sh._size_helper(g, t, g.op("Constant", value_t=torch.tensor(axis)))
+        return sh._size_helper(g, t, _const(g, axis))
 
     def f32(x):
         return g.op("Cast", x, to_i=sh.cast_pytorch_to_onnx["Float"])
@@ -79,13 +83,12 @@ def _axis_indices(g, top, lateral, axis: int, mode: str, scale: float | None):
     if scale is None:
         step = g.op("Div", f32(in_size), f32(out_size))
     else:
-        step = g.op("Constant", value_t=torch.tensor(1.0 / scale, dtype=torch.float32))
-    dst = f32(g.op("Range", g.op("Constant", value_t=torch.tensor(0)), out_size,
-                   g.op("Constant", value_t=torch.tensor(1))))
+        step = _const(g, 1.0 / scale, torch.float32)
+    dst = f32(g.op("Range", _const(g, 0), out_size, _const(g, 1)))
     if mode == "nearest-exact":
-        dst = g.op("Add", dst, g.op("Constant", value_t=torch.tensor(0.5)))
+        dst = g.op("Add", dst, _const(g, 0.5))
     src = g.op("Cast", g.op("Floor", g.op("Mul", dst, step)), to_i=sh.cast_pytorch_to_onnx["Long"])
-    last = g.op("Sub", in_size, g.op("Constant", value_t=torch.tensor(1)))
+    last = g.op("Sub", in_size, _const(g, 1))
     return g.op("Min", src, last)
 
 
@@ -93,9 +96,6 @@ def onnx_symbolic(g, lateral, weight, bias, top, mode, scale_factor, backend):
     """``Conv`` + (``Resize`` | exact gather) + ``Add`` for the legacy exporter: the operators
     the dynamo exporter writes for :func:`decompose`."""
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
-
-    def const(value, dtype=None):
-        return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
     mode = sh._maybe_get_const(mode, "s")
     scale = None if sh._is_none(scale_factor) else sh._maybe_get_const(scale_factor, "fs")
@@ -106,13 +106,13 @@ def onnx_symbolic(g, lateral, weight, bias, top, mode, scale_factor, backend):
     conv_inputs = (lateral, weight) if sh._is_none(bias) else (lateral, weight, bias)
     conv = g.op("Conv", *conv_inputs)
     if mode == "nearest":
-        no_roi = const([], torch.float32)
+        no_roi = _const(g, [], torch.float32)
         if scale is None:
-            batch_channels = g.op("Slice", g.op("Shape", top), const([0]), const([2]))
-            spatial = g.op("Slice", g.op("Shape", lateral), const([2]), const([4]))
+            batch_channels = g.op("Slice", g.op("Shape", top), _const(g, [0]), _const(g, [2]))
+            spatial = g.op("Slice", g.op("Shape", lateral), _const(g, [2]), _const(g, [4]))
             resize_inputs = (no_roi, no_roi, g.op("Concat", batch_channels, spatial, axis_i=0))
         else:
-            resize_inputs = (no_roi, const([1.0, 1.0, *scale], torch.float32))
+            resize_inputs = (no_roi, _const(g, [1.0, 1.0, *scale], torch.float32))
         up = g.op("Resize", top, *resize_inputs, mode_s="nearest",
                   coordinate_transformation_mode_s="asymmetric", nearest_mode_s="floor")
     else:
