@@ -28,6 +28,7 @@ from torch import Tensor
 from . import backends
 from .indexing import MODES, aten_index_kernel, index_kernel_for, takes_vectorized_kernel
 from .reference import upsample_add_conv1x1_reference
+from .triton import graph as triton_graph
 
 # --------------------------------------------------------------------------- validation
 
@@ -409,6 +410,9 @@ def _backward(ctx, grad_out):
 
 
 _upsample_add_conv1x1.register_autograd(_backward, setup_context=_setup_context)
+# torch.compile / AOTInductor: where the backend is "triton", both ops decompose into their
+# Triton launches in the AOTDispatcher (fpn_kernels/triton/graph.py); elsewhere they stay nodes.
+triton_graph.register((_upsample_add_conv1x1, _upsample_add_conv1x1_backward), _resolve)
 _when_imported("torch._inductor.lowering", _declare_inductor_fallbacks)
 
 

@@ -122,3 +122,24 @@ def test_sizes_are_not_specialized(recorder):
         launch.backward(torch.empty(2, 256, *out_hw, dtype=torch.float16), lateral, weight,
                         list(top_hw), "nearest", None, False, "cuda", [False, True, True, True])
     assert all(count == 2 for count in recorder.keys.values()), recorder.keys
+
+
+def test_any_batch_size_fits_the_grids(monkeypatch):
+    # CUDA limits grid axes 1 and 2 to 65535 and axis 0 to 2^31 - 1: the batch (and the
+    # grad_weight splits, N per pixel chunk) is on axis 0 of every launch, so N = 70000 fits.
+    grids = []
+    monkeypatch.setattr(launch, "_launch", lambda kernel, grid, args, flags, config:
+                        grids.append((kernel.fn.__name__, tuple(grid))))
+    n = 70000
+    lateral = torch.empty(n, 16, 2, 3, dtype=torch.float16)
+    weight, bias = torch.empty(8, 16, dtype=torch.float16), torch.empty(8, dtype=torch.float16)
+    top = torch.empty(n, 8, 1, 2, dtype=torch.float16)
+    launch.forward(lateral, weight, bias, top, "nearest", None, False, "cuda")
+    launch.backward(torch.empty(n, 8, 2, 3, dtype=torch.float16), lateral, weight, [1, 2],
+                    "nearest", None, False, "cuda", [True] * 4)
+    assert len(grids) == 5
+    for name, grid in grids:
+        assert len(grid) <= 3 and grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), (
+            name, grid)
+        if name != "ordered_sum_kernel":  # the one launch over the (C_out, C_in) sums only
+            assert grid[0] >= n, (name, grid)

@@ -139,6 +139,40 @@ def test_image_of_more_than_2_31_elements(channels_last):
     assert torch.all(grad_top == 4)
 
 
+def test_inductor_compiles_the_kernels(tmp_path):
+    """Under torch.compile the AOTDispatcher decomposes the op into our kernels (fpn_kernels/
+    triton/graph.py: tests/test_triton_graph.py checks the graphs on CPU); Inductor compiles
+    them as user-defined kernels, forward and backward, and AOTInductor packages them."""
+    case = CASES[0]
+    lateral, weight, bias, top = make_inputs(case.n, case.c_in, case.c_out, case.out_hw,
+                                             case.top_hw, dtype=torch.float16, device="cuda",
+                                             requires_grad=True)
+
+    def merge(lateral, weight, bias, top):
+        return upsample_add_conv1x1(lateral, weight, bias, top, backend="triton")
+
+    torch._dynamo.reset()
+    eager = merge(lateral, weight, bias, top)
+    grads = torch.autograd.grad(eager.sum(), (lateral, weight, bias, top))
+    compiled = torch.compile(merge, fullgraph=True)
+    out = compiled(lateral, weight, bias, top)
+    assert_close(out, eager)
+    for got, want in zip(torch.autograd.grad(out.sum(), (lateral, weight, bias, top)), grads,
+                         strict=True):
+        assert_close(got, want, scale=math.sqrt(case.n * math.prod(case.out_hw)))
+
+    class Merge(torch.nn.Module):
+        def forward(self, lateral, top):
+            return merge(lateral, weight.detach(), bias.detach(), top)
+
+    inputs = (lateral.detach(), top.detach())
+    with torch.no_grad():
+        ep = torch.export.export(Merge(), inputs)
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
+    with torch.no_grad():
+        assert_close(torch._inductor.aoti_load_package(path)(*inputs), eager.detach())
+
+
 def test_torch_compile_one_node():
     case = CASES[0]
     lateral, weight, bias, top = make_inputs(case.n, case.c_in, case.c_out, case.out_hw,
@@ -157,7 +191,7 @@ def test_torch_compile_one_node():
     ops = [node.target for gm in graphs for node in gm.graph.nodes
            if isinstance(node.target, torch._ops.OpOverload)]
     assert ops == [torch.ops.fpn_kernels.upsample_add_conv1x1.default]
-    compiled = torch.compile(merge, fullgraph=True)  # inductor around the opaque op
+    compiled = torch.compile(merge, fullgraph=True)  # inductor, which compiles the kernels
     assert_close(compiled(lateral, weight, bias, top),
                  upsample_add_conv1x1_reference(lateral, weight, bias, top))
 

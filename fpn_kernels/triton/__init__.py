@@ -13,17 +13,22 @@ import os
 
 
 def unavailable_reason() -> str | None:
-    """None when the kernels can run here, else why not."""
+    """None when the kernels can run here, else why not. When they can, they are recorded as
+    the ops' Triton kernels for torch's compile caches (``graph.record_kernels``): the backend is
+    loaded, through this call, before any compile that may decompose an op into them."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken install is as unavailable as a missing one
         return f"triton is not importable ({type(exc).__name__}: {exc})"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    import torch
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import torch
 
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)"
+        if not torch.cuda.is_available():
+            return ("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for "
+                    "testing)")
+    from . import graph
+
+    graph.record_kernels()
     return None
 
 

@@ -181,7 +181,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     constexprs = dict(variant.flags, **config.kwargs)
     named = {"CHANNELS_LAST": variant.channels_last, "INT64_INDEX": False,
              "PIXEL_ALIGN": PROFILE_PIXEL_ALIGN, "DOT_IN_FP32": False,
-             "DOT_PRECISION": variant.precision or "tf32", "INDEX_TABLES": False,
+             "DOT_TF32": variant.precision != "ieee", "INDEX_TABLES": False,
              "EXACT": False}
     signature, attrs = {}, {}
     for index, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):

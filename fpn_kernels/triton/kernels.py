@@ -74,14 +74,18 @@ def _zeros_tile(BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """acc + a @ b: tensor-core MMA for 16-bit tiles and for fp32 with DOT_PRECISION "tf32",
-    FMA for "ieee". DOT_IN_FP32 upcasts the tiles first, for the interpreter only: its dot
-    multiplies bfloat16 bit patterns as integers (triton 3.8), fp32 tiles it gets right."""
+def _mma(a, b, acc, DOT_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b: tensor-core MMA for 16-bit tiles and, with DOT_TF32, for fp32 as TF32;
+    IEEE fp32 (FMA) otherwise. A bool, not the precision string: torch's trace of a
+    wrap_triton launch (its TTIR mutation analysis) cannot specialize a str argument.
+    DOT_IN_FP32 upcasts the tiles first, for the interpreter only: its dot multiplies bfloat16
+    bit patterns as integers (triton 3.8), fp32 tiles it gets right."""
     if DOT_IN_FP32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
     else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     return acc
 
 
@@ -142,7 +146,7 @@ def upsample_add_conv1x1_kernel(
     lateral_ptr, weight_ptr, bias_ptr, top_ptr, src_row_ptr, src_col_ptr, out_ptr,
     C_in, C_out, P, W, h, w, scale_h, scale_w, tiles_per_image,
     HAS_BIAS: tl.constexpr, HAS_TOP: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
+    DOT_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
     PIXEL_ALIGN: tl.constexpr, INDEX_TABLES: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -205,9 +209,9 @@ def upsample_add_conv1x1_kernel(
         lateral_tile = tl.load(lateral_ptrs, mask=(channel_k < C_in - k) & (pixel_k < P),
                                other=0.0)
         if CHANNELS_LAST:  # [BLOCK_P, BLOCK_K] @ [BLOCK_K, BLOCK_CO]
-            acc = _mma(lateral_tile, tl.trans(weight_tile), acc, DOT_PRECISION, DOT_IN_FP32)
+            acc = _mma(lateral_tile, tl.trans(weight_tile), acc, DOT_TF32, DOT_IN_FP32)
         else:  # [BLOCK_CO, BLOCK_K] @ [BLOCK_K, BLOCK_P]
-            acc = _mma(weight_tile, lateral_tile, acc, DOT_PRECISION, DOT_IN_FP32)
+            acc = _mma(weight_tile, lateral_tile, acc, DOT_TF32, DOT_IN_FP32)
         weight_ptrs += BLOCK_K
         lateral_ptrs += lateral_k_step
 
@@ -255,7 +259,7 @@ def conv1x1_weight_grad_kernel(
     grad_out_ptr, lateral_ptr, partial_ptr,
     C_in, C_out, P, chunk_pixels, chunks_per_image,
     HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
+    DOT_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr, INT64_INDEX: tl.constexpr,
     PIXEL_ALIGN: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -311,7 +315,7 @@ def conv1x1_weight_grad_kernel(
         p_in = offs_k < p_end - p
         grad_out_tile = tl.load(grad_out_ptrs, mask=co_in[:, None] & p_in[None, :], other=0.0)
         lateral_tile = tl.load(lateral_ptrs, mask=p_in[:, None] & ci_in[None, :], other=0.0)
-        acc = _mma(grad_out_tile, lateral_tile, acc, DOT_PRECISION, DOT_IN_FP32)
+        acc = _mma(grad_out_tile, lateral_tile, acc, DOT_TF32, DOT_IN_FP32)
         if HAS_BIAS:
             bias_acc += tl.sum(grad_out_tile.to(tl.float32), axis=1)
         grad_out_ptrs += grad_out_p_step

@@ -23,8 +23,12 @@ interpreter.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Callable, Sequence
+import threading
+import types
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +77,7 @@ def _dot_flags(t: Tensor) -> dict:
     tf32 = t.device.type == "cuda" and cudnn_conv_allows_tf32()
     ieee = t.dtype == torch.float32 and not tf32
     return {
-        "DOT_PRECISION": "ieee" if ieee else "tf32",
+        "DOT_TF32": not ieee,
         "DOT_IN_FP32": INTERPRETING and t.dtype == torch.bfloat16,
     }
 
@@ -95,8 +99,90 @@ def _pick(configs: Sequence[triton.Config], fits: Callable[[dict], bool]) -> tri
     return next((c for c in configs if fits(c.kwargs)), configs[-1])
 
 
+# ``traced_launches()`` sets this (per thread) while fpn_kernels.triton.graph decomposes an op
+# into its launches for torch.compile / AOTInductor.
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced_launches() -> Iterator[None]:
+    """Every launch inside goes through ``torch.library.wrap_triton``: under a tracer (the
+    AOTDispatcher) it becomes a ``triton_kernel_wrapper_*`` graph node, which Inductor compiles
+    as a user-defined kernel. Outside, launches are plain ``kernel[grid](...)`` calls (what
+    ``triton_op`` does for eager with ``set_wrap_triton_enabled(False)``): no higher-order op
+    dispatch, no kernel side-table entry per call."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    previous = getattr(_tracing, "on", False)
+    _tracing.on = True
+    try:
+        with set_wrap_triton_enabled(True):
+            yield
+    finally:
+        _tracing.on = previous
+
+
+def tracing() -> bool:
+    return getattr(_tracing, "on", False)
+
+
+class _InterpretedJIT(triton.runtime.jit.JITFunction):
+    """Under TRITON_INTERPRET=1 ``triton.jit`` returns an InterpretedFunction, which
+    ``wrap_triton`` passes through untraced (torch 2.14) or refuses (2.11). This twin is a
+    JITFunction of the same source (its helpers twins too, see ``_jit_twins``), so the traced
+    graph is the one a GPU run traces, the kernel's TTIR included, while its launches run the
+    interpreter on CPU tensors."""
+
+    def __init__(self, interpreted, fn):
+        super().__init__(fn, do_not_specialize=interpreted.kwargs.get("do_not_specialize"))
+        self.interpreted = interpreted
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
+@functools.cache
+def _jit_twins() -> dict[int, _InterpretedJIT]:
+    """A twin per InterpretedFunction in kernels.py (kernels and helpers), keyed by id: each
+    twin's function reads a copy of the module's globals in which the helpers are twins."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    namespace = dict(vars(kernels))
+    originals = {name: value for name, value in namespace.items()
+                 if isinstance(value, InterpretedFunction)}
+    for name, interpreted in originals.items():
+        fn = interpreted.fn
+        twin_fn = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+        twin_fn.__qualname__ = fn.__qualname__
+        namespace[name] = _InterpretedJIT(interpreted, twin_fn)
+    return {id(interpreted): namespace[name] for name, interpreted in originals.items()}
+
+
+def traceable(kernel):
+    """``kernel`` as ``wrap_triton`` takes it: a JITFunction (see ``_InterpretedJIT``)."""
+    return _jit_twins()[id(kernel)] if INTERPRETING else kernel
+
+
 def _launch(kernel, grid, args, flags: dict, config: triton.Config) -> None:
-    kernel[grid](*args, **flags, **config.all_kwargs())
+    """One launch of ``kernel`` over ``grid`` with ``config`` (its block sizes, warps and
+    stages; num_ctas and the rest stay at triton's defaults, as torch's tracer requires)."""
+    if tracing():
+        kernel = torch.library.wrap_triton(traceable(kernel))
+    kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                 num_stages=config.num_stages)
+
+
+def _index_table(kind: str, in_size: int, out_size: int, scale: float | None, mode: str,
+                 index_kernel: str, device: torch.device) -> Tensor:
+    """``indexing.index_table_tensor``; while traced, the same values as a new tensor (a graph
+    constant), since a cached real tensor cannot enter a graph traced with fake tensors."""
+    if not tracing():
+        return index_table_tensor(kind, in_size, out_size, scale, mode, index_kernel, device)
+    values = source_indices(in_size, out_size, scale, mode, index_kernel)
+    if kind == "ranges":
+        values = destination_ranges(values, in_size)
+    return torch.tensor(np.asarray(values).tolist(), dtype=torch.int32, device=device)
 
 
 class NearestIndex:
@@ -116,7 +202,7 @@ class NearestIndex:
         self.scales = tuple(float(nearest_scale(i, o, s)) for i, o, s in axes)
         self.tables = None
         if self.from_tables:
-            self.tables = tuple(index_table_tensor(kind, i, o, s, mode, index_kernel, device)
+            self.tables = tuple(_index_table(kind, i, o, s, mode, index_kernel, device)
                                 for i, o, s in axes)
 
     def pointers(self, unused: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,8 +296,11 @@ def _ordered_sum(partial: Tensor, out: Tensor, tail: Tensor | None) -> None:
     config = (kernels.ORDERED_SUM_INTERPRET_CONFIG if INTERPRETING
               else kernels.ORDERED_SUM_CONFIGS[0])
     grid = (triton.cdiv(numel, config.kwargs["BLOCK"]),)
-    args = (partial, out, tail if tail is not None else out, partial.shape[0], numel,
-            out.numel())
+    # Without a tail no element goes there, but the pointer must not be ``out``: traced as
+    # triton_kernel_wrapper_functional, both written pointers get an output of their own, and
+    # the (untouched) tail's would replace ``out``.
+    args = (partial, out, tail if tail is not None else out.new_empty((1,)), partial.shape[0],
+            numel, out.numel())
     _launch(kernels.ordered_sum_kernel, grid, args, {}, config)
 
 
