@@ -100,23 +100,29 @@ def test_amx_and_fp32_gemm_agree_to_the_rounding(channels_last):
     for amx in (True, False):
         with mkldnn_enabled(amx):
             _, _, results[amx] = run_case("r50_p2_channels", channels_last)
-    for name, fast, slow in [("out", results[True][0], results[False][0]),
-                             ("grad_lateral", results[True][1]["lateral"],
-                              results[False][1]["lateral"])]:
+    pairs = [("out", results[True][0], results[False][0])]
+    pairs += [(f"grad_{name}", results[True][1][name], results[False][1][name])
+              for name in ("lateral", "weight")]
+    for name, fast, slow in pairs:
         ulp = torch.finfo(torch.bfloat16).eps * slow.float().abs().clamp_min(1.0)
         assert ((fast.float() - slow.float()).abs() <= ulp).all(), name
         assert (fast != slow).float().mean() < 0.01, name
 
 
 @needs_amx
-def test_amx_bits_do_not_depend_on_thread_count():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["tails", "r50_p2_channels"])
+def test_amx_bits_do_not_depend_on_thread_count(case, channels_last):
+    """"tails" has 2145 pixels per image: grad_weight's 1024-pixel chunks end in an odd
+    97-pixel chunk, whose last pixel goes to the fp32 rank-1 update."""
     before = torch.get_num_threads()
     try:
-        outs = []
+        runs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            _, _, (out, grads) = run_case("tails", channels_last=False)
-            outs.append((out, grads["lateral"]))
+            _, _, (out, grads) = run_case(case, channels_last)
+            runs.append({"out": out, **grads})
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name

@@ -42,10 +42,12 @@ c10::BFloat16* PackedB::reserve(int64_t k, int64_t n) {
 
 void PackedB::pack(const c10::BFloat16* b, int64_t k, int64_t n, int64_t ldb) {
   c10::BFloat16* out = reserve(k, n);
-  for (int64_t j = 0; j * kBlockN < n; ++j) {
-    cpublas::pack(k, std::min(kBlockN, n - j * kBlockN), ldb, kBlockN, at::kBFloat16,
-                  at::kBFloat16, b + j * kBlockN, out + j * block_elems_);
-  }
+  at::parallel_for(0, ceil_div(n, kBlockN), 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      cpublas::pack(k, std::min(kBlockN, n - j * kBlockN), ldb, kBlockN, at::kBFloat16,
+                    at::kBFloat16, b + j * kBlockN, out + j * block_elems_);
+    }
+  });
 }
 
 void PackedB::pack_transposed(const c10::BFloat16* bt, int64_t k, int64_t n, int64_t ld_bt) {
@@ -69,6 +71,25 @@ void PackedB::pack_transposed(const c10::BFloat16* bt, int64_t k, int64_t n, int
           std::memcpy(block_out + 2 * (i * kBlockN + c), block_rows + c * ld_bt + 2 * i,
                       2 * sizeof(c10::BFloat16));
         }
+      }
+    }
+  });
+}
+
+void transpose(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src,
+               c10::BFloat16* dst, int64_t ld_dst) {
+  // 32 x 32 blocks: a block's 32 source rows and 32 destination rows (64 bytes each) stay in
+  // L1 while it is written.
+  constexpr int64_t kBlock = 32;
+  const auto* in = reinterpret_cast<const uint16_t*>(src);
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  at::parallel_for(0, ceil_div(cols, kBlock), 1, [&](int64_t first, int64_t last) {
+    for (int64_t cb = first; cb < last; ++cb) {
+      const int64_t c0 = cb * kBlock, c1 = std::min(cols, c0 + kBlock);
+      for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+        const int64_t r1 = std::min(rows, r0 + kBlock);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) out[c * ld_dst + r] = in[r * ld_src + c];
       }
     }
   });

@@ -24,6 +24,7 @@ bool usable(int64_t k);
 class PackedB {
  public:
   static constexpr int64_t kBlockN = 64;  // the largest packed leading dimension oneDNN takes
+  // Column blocks run on the intra-op threads (serially when called inside a parallel region).
   void pack(const c10::BFloat16* b, int64_t k, int64_t n, int64_t ldb);
   // The same for B = bt^T, bt (n x k) row-major with row stride ld_bt: the weight^T operand,
   // packed straight from the weight (for a 256 x 1024 weight: ~0.18 ms per call, against
@@ -43,6 +44,12 @@ class PackedB {
 // Single-threaded and of fixed blocking: the bits depend on the shapes alone.
 void gemm(const c10::BFloat16* a, int64_t m, int64_t lda, const PackedB& b, float* c,
           int64_t ldc, bool accumulate);
+
+// dst (cols x rows, row stride ld_dst) = src^T, src (rows x cols, row stride ld_src): the
+// channels_last grad_weight's A operand (grad_out^T: pixels along the reduction). On the
+// intra-op threads, by blocks of dst rows.
+void transpose(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src,
+               c10::BFloat16* dst, int64_t ld_dst);
 
 // The element loops around these GEMMs, in AVX-512 (every AMX CPU has it; only these functions
 // are compiled for it, so the library still loads on any x86-64):

@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/op_args.h"
@@ -469,6 +470,71 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
   });
 }
 
+// grad_weight (below) for bfloat16 on AMX tiles: per chunk, the even part of its pixels
+// [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
+// reduction), an odd last pixel a rank-1 fp32 update. A is grad_chunk (C_out, k) row-major:
+// grad_out itself in NCHW, a transposed bf16 copy in channels_last (pixels are the reduction,
+// so they must be A's contiguous axis); B is lateral_chunk^T (k, C_in). The chunk runs on the
+// intra-op threads by blocks of grad_weight columns: a task packs its own k x 64 block of B,
+// which stays in L2 while all of A meets it (a task per row block, each streaming the whole
+// packed B from L3, measured ~2x slower). Each element's sum (chunks in order, the ukernel's
+// fixed order inside one) does not depend on the thread count.
+void grad_weight_kernel_amx(const Shape& s, const at::BFloat16* grad_out,
+                            const at::BFloat16* lateral, at::Tensor& weight_acc,
+                            bool channels_last) {
+  constexpr int64_t kColBlock = amx::PackedB::kBlockN;
+  const int64_t hw = s.pixels();
+  const Tiles chunks(s.h, s.w, kChunkPixels);
+  float* acc = weight_acc.mutable_data_ptr<float>();
+  std::vector<at::BFloat16> grad_t;  // channels_last: grad_chunk^T (C_out, k)
+  for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
+    const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+    const int64_t k = np & ~int64_t(1);
+    // grad_chunk (C_out, k) with row stride lda; the odd last pixel's grad and lateral values
+    // with their channel strides.
+    const at::BFloat16 *grad_chunk, *lateral_chunk, *grad_tail, *lateral_tail;
+    int64_t lda, tail_stride;
+    if (!channels_last) {
+      grad_chunk = grad_out + n * s.c_out * hw + p0;
+      lateral_chunk = lateral + n * s.c_in * hw + p0;  // (C_in, k), row stride hw
+      lda = tail_stride = hw;
+      grad_tail = grad_chunk + k, lateral_tail = lateral_chunk + k;
+    } else {
+      const at::BFloat16* g = grad_out + (n * hw + p0) * s.c_out;
+      lateral_chunk = lateral + (n * hw + p0) * s.c_in;  // (k, C_in), row stride C_in
+      if (k > 0) {
+        grad_t.resize(s.c_out * k);
+        amx::transpose(g, k, s.c_out, s.c_out, grad_t.data(), k);
+      }
+      grad_chunk = grad_t.data();
+      lda = k;
+      tail_stride = 1;
+      grad_tail = g + k * s.c_out, lateral_tail = lateral_chunk + k * s.c_in;
+    }
+    const bool odd = np > k;
+    parallel_tasks((s.c_in + kColBlock - 1) / kColBlock, [&](int64_t block) {
+      const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
+      if (k > 0) {
+        thread_local amx::PackedB packed;  // reused by the thread's next blocks and calls
+        if (!channels_last) {
+          packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
+        } else {
+          packed.pack(lateral_chunk + i0, k, cols, s.c_in);
+        }
+        amx::gemm(grad_chunk, s.c_out, lda, packed, acc + i0, s.c_in, /*accumulate=*/true);
+      }
+      if (!odd) return;
+      for (int64_t o = 0; o < s.c_out; ++o) {
+        const float g = static_cast<float>(grad_tail[o * tail_stride]);
+        float* acc_row = acc + o * s.c_in;
+        for (int64_t i = i0; i < i0 + cols; ++i) {
+          acc_row[i] += g * static_cast<float>(lateral_tail[i * tail_stride]);
+        }
+      }
+    });
+  }
+}
+
 // grad_weight (C_out, C_in) = sum over pixel chunks, in order, of grad_chunk (C_out, P) @
 // lateral_chunk^T (P, C_in). Each chunk's GEMM is called from this thread and uses MKL's own
 // threads over the (C_out, C_in) output. The chunk order is fixed and small outputs take
@@ -478,6 +544,12 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
 template <typename scalar_t>
 void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
                         at::Tensor& weight_acc, bool channels_last) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (amx::available()) {
+      grad_weight_kernel_amx(s, grad_out, lateral, weight_acc, channels_last);
+      return;
+    }
+  }
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
   for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
