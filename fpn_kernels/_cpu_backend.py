@@ -57,6 +57,10 @@ def details() -> str:
     text = f"at::parallel_for on {threads} of {wanted} intra-op threads"
     if threads < wanted:
         text += " (built without OpenMP: the kernels' tiles run one after another)"
+    # float32 (and float64) tiles go through at::mm, i.e. MKL's sgemm, which picks its own
+    # kernel by ISA; torch's dispatch level says which ISA this CPU offers it.
+    text += (f"; float32 GEMMs via at::mm (MKL, {torch.backends.cpu.get_cpu_capability()} "
+             "on this CPU)")
     if _amx_bf16():
         text += "; bfloat16 GEMMs on AMX tiles via oneDNN's brgemm"
     else:

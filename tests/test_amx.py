@@ -46,6 +46,7 @@ def test_amx_path_is_on_exactly_where_the_cpu_has_it():
 
 def test_backend_report_says_how_bfloat16_multiplies():
     report = fpn_kernels.backend_report()
+    assert f"float32 GEMMs via at::mm (MKL, {torch.backends.cpu.get_cpu_capability()}" in report
     if amx_gemm():
         assert "bfloat16 GEMMs on AMX tiles" in report
     else:
