@@ -3,40 +3,95 @@ this GPU-less machine (fpn_kernels/triton/aot.py): no register spills (cuobjdump
 LOCAL 0), shared memory within the architecture's per-block limit, and tensor-core MMA
 (``mma.sync`` on sm_80, ``wgmma`` on sm_90) wherever the dtype has one: fp16, bf16, and fp32
 as TF32. fp32 as IEEE must not use tensor cores (that would be TF32 behind the user's back).
+The forward configs named in ``kernels.UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS`` must keep 2 blocks
+(CTAs) per SM on sm_90 with 32-bit offsets (registers x threads and shared memory).
 
-The int64-offset specialization (images of 2^31 elements or more) is checked for the two
-extremes of register pressure, fp16 (MMA) and IEEE fp32 (FMA), of every GEMM and gather kernel.
+Which specializations: those launch.py can pass on a GPU (``aot._LAUNCH_FLAGS``): every
+PIXEL_ALIGN (1, 2, 4, 8, 16 for NCHW; channels_last is always 1), EXACT ("nearest-exact")
+on and off, the optional biases, 32- and 64-bit offsets, both layouts, every dtype (fp32 as
+TF32 and as IEEE), every config. INDEX_TABLES and DOT_IN_FP32 are always off on a GPU (the
+index tables and the upcast serve the interpreter only), so they are not compiled. The whole
+cross product is about 940 compiles per architecture (some 30 minutes cold on 2 cores), so:
+
+* each architecture: ``aot.launcher_variants()``, the base product (config x dtype x layout)
+  plus a strength-2 covering array of the rest, per kernel use and element size: every value
+  of any factor (a config, a dtype, a PIXEL_ALIGN, EXACT, int64 offsets, the bias) compiles
+  together with every value of every other factor at least once (156 compiles);
+* sm_80 also: the base product's int64-offset specialization for the two extremes of register
+  pressure, fp16 (MMA) and IEEE fp32 (FMA), of the forward, grad_weight and grad_top.
+
+``FPN_AOT_FULL=1`` compiles the whole cross product for both architectures instead.
+``known_spill`` lists the specializations this found spilling that are not fixed yet (xfail).
 All compiles run once per session in a pool of 2 processes; triton's on-disk cache makes a
-repeat run take seconds (a cold run about two minutes on 2 cores).
+repeat run take seconds (a cold run of the 330-odd compiles about three minutes on 2 idle
+cores).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 pytest.importorskip("triton")
 
-from fpn_kernels.triton import aot  # noqa: E402
+from fpn_kernels.triton import aot, kernels, launch  # noqa: E402
 
-VARIANTS = aot.shipped_variants()
-INT64_VARIANTS = [
-    v.with_int64_offsets() for v in VARIANTS
-    if v.use in ("forward", "grad_weight", "grad_top")
-    and (v.dtype, v.precision) in (("fp16", None), ("fp32", "ieee"), ("fp32", None))
-]
+FULL = os.environ.get("FPN_AOT_FULL") == "1"
+BASE = aot.shipped_variants()
+EXTREMES = (("fp16", None), ("fp32", "ieee"), ("fp32", None))
+
+
+def _sm80_subset() -> list[aot.Variant]:
+    out = dict.fromkeys(BASE)
+    for v in aot.launcher_variants(full=True):
+        flags = dict(v.flags)
+        if ((v.dtype, v.precision) not in EXTREMES or flags.get("EXACT")
+                or (flags.get("HAS_BIAS") is False and v.use != "grad_lateral")):
+            continue
+        align = flags.get("PIXEL_ALIGN")
+        if flags.get("INT64_INDEX"):  # the int64 build of a base variant
+            if v.use != "grad_lateral" and align in (None, 1 if v.channels_last else
+                                                     aot.PROFILE_PIXEL_ALIGN):
+                out[v] = None
+    return list(out)
+
+
+if FULL:
+    CHECKED = {arch: aot.launcher_variants(full=True) for arch in aot.ARCHS}
+else:
+    CHECKED = {90: aot.launcher_variants(),
+               80: list(dict.fromkeys(aot.launcher_variants() + _sm80_subset()))}
+CASES = [(v, arch) for arch in aot.ARCHS for v in CHECKED[arch]]
+
+
+def known_spill(variant: aot.Variant) -> str | None:
+    """Specializations known to spill (found by this file's covering array), with why."""
+    flags = dict(variant.flags)
+    nchw_align1 = variant.channels_last is False and flags.get("PIXEL_ALIGN") == 1
+    if variant.use == "forward" and variant.config_index == 0 and nchw_align1:
+        return ("128x128 forward tile, NCHW at PIXEL_ALIGN 1: every element of its tiles is "
+                "its own load (a stack frame of 8-128 B, with int64 offsets above all)")
+    if variant.use == "grad_weight" and variant.config_index == 1 and nchw_align1 \
+            and variant.dtype != "fp32":
+        return "64x64x64 16-bit grad_weight tile, NCHW at PIXEL_ALIGN 1 (64-128 B)"
+    return None
 
 
 @pytest.fixture(scope="module")
 def reports() -> dict:
-    compiled = aot.compile_all(VARIANTS + INT64_VARIANTS, aot.ARCHS, jobs=2)
+    compiled = aot.compile_cases(CASES, jobs=2)
     return {(r.variant, r.arch): r for r in compiled}
 
 
-@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("variant", VARIANTS + INT64_VARIANTS, ids=str)
+@pytest.mark.parametrize(("variant", "arch"), CASES,
+                         ids=[f"{v}-sm_{a}" for v, a in CASES])
 def test_compiles_fast(reports, variant, arch):
     report = reports[(variant, arch)]
     assert report.registers > 0, "cuobjdump reported no registers: the parse is broken"
+    known = known_spill(variant)
+    if known and report.spills:
+        pytest.xfail(f"known spill: {known}")
     assert not report.spills, (
         f"{variant} sm_{arch} ({report.config}) spills: STACK {report.stack_bytes} B, "
         f"LOCAL {report.local_bytes} B per thread at {report.registers} registers"
@@ -49,12 +104,42 @@ def test_compiles_fast(reports, variant, arch):
         assert report.mma.startswith(expected), f"{variant} sm_{arch}: {report.mma}"
     else:
         assert report.mma == "-", f"{variant} sm_{arch} uses tensor cores: {report.mma}"
+    size = 4 if variant.dtype == "fp32" else 2
+    if (arch == 90 and variant.kernel == "upsample_add_conv1x1_kernel"
+            and variant.config_index in kernels.UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS[size]
+            and not dict(variant.flags).get("INT64_INDEX")):
+        assert report.blocks_per_sm >= 2, (
+            f"{variant} sm_90 ({report.config}): {report.blocks_per_sm} block per SM at "
+            f"{report.registers} registers and {report.shared_bytes} B of shared memory")
 
 
 def test_every_shipped_config_is_checked():
     lists = aot.config_lists()
-    checked = {(v.kernel, v.config_index, v.dtype == "fp32") for v in VARIANTS}
-    for kernel, by_size in lists.items():
-        for size, configs in by_size.items():
-            for index in range(len(configs)):
-                assert (kernel, index, size == 4) in checked, (kernel, size, index)
+    for arch in aot.ARCHS:
+        checked = {(v.kernel, v.config_index, v.dtype == "fp32") for v in CHECKED[arch]}
+        for kernel, by_size in lists.items():
+            for size, configs in by_size.items():
+                for index in range(len(configs)):
+                    assert (kernel, index, size == 4) in checked, (arch, kernel, size, index)
+
+
+def test_covering_array_pairs_every_launch_value():
+    """On sm_90 each config meets each PIXEL_ALIGN, flag value, dtype and layout."""
+    variants = CHECKED[90]
+    for use, flag_values in aot._LAUNCH_FLAGS.items():
+        mine = [v for v in variants if v.use == use]
+        for v_config in {(v.config_index, v.dtype == "fp32") for v in mine}:
+            rows = [v for v in mine if (v.config_index, v.dtype == "fp32") == v_config]
+            seen = {(name, value) for v in rows for name, value in v.flags}
+            for name, values in flag_values.items():
+                for value in values:
+                    assert (name, value) in seen, (use, v_config, name, value)
+            if use in aot._ALIGNED_USES:
+                aligns = {dict(v.flags)["PIXEL_ALIGN"] for v in rows if not v.channels_last}
+                assert aligns == set(aot.LAUNCH_PIXEL_ALIGNS), (use, v_config, aligns)
+
+
+def test_pixel_aligns_are_what_the_launcher_passes():
+    nchw = {launch.pixel_align(p, False) for p in range(1, 4097)}
+    assert nchw == set(aot.LAUNCH_PIXEL_ALIGNS)
+    assert {launch.pixel_align(p, True) for p in range(1, 4097)} == {1}

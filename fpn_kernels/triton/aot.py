@@ -14,6 +14,7 @@ cheap); the workers drop TRITON_INTERPRET, which would turn the kernels into Pyt
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -73,8 +74,16 @@ class Variant:
     def __str__(self) -> str:
         layout = {None: "", False: "-nchw", True: "-nhwc"}[self.channels_last]
         precision = f"-{self.precision}" if self.precision else ""
-        int64 = "-int64" if ("INT64_INDEX", True) in self.flags else ""
-        return f"{self.use}-cfg{self.config_index}-{self.dtype}{precision}{layout}{int64}"
+        flags = dict(self.flags)
+        extra = ""
+        if "PIXEL_ALIGN" in flags:
+            extra += f"-align{flags['PIXEL_ALIGN']}"
+        if flags.get("EXACT"):
+            extra += "-exact"
+        if self.use in ("forward", "grad_weight") and flags.get("HAS_BIAS") is False:
+            extra += "-nobias"
+        int64 = "-int64" if flags.get("INT64_INDEX") else ""
+        return f"{self.use}-cfg{self.config_index}-{self.dtype}{precision}{layout}{extra}{int64}"
 
     def with_int64_offsets(self) -> Variant:
         """The same variant specialized for images of 2^31 elements or more."""
@@ -96,6 +105,11 @@ class Report:
     local_bytes: int
     shared_bytes: int
     mma: str  # the tensor-core instruction found in the PTX, or "-"
+    warps: int = 4
+
+    @property
+    def blocks_per_sm(self) -> int:
+        return blocks_per_sm(self.arch, self.registers, self.warps, self.shared_bytes)
 
     @property
     def spills(self) -> bool:
@@ -113,32 +127,142 @@ def config_lists():
     }
 
 
+_KERNEL_OF = {"forward": "upsample_add_conv1x1_kernel",
+              "grad_lateral": "upsample_add_conv1x1_kernel",
+              "grad_weight": "conv1x1_weight_grad_kernel",
+              "grad_top": "nearest_upsample_grad_kernel", "ordered_sum": "ordered_sum_kernel"}
+_GEMM_DTYPES = (("fp16", None), ("bf16", None), ("fp32", "tf32"), ("fp32", "ieee"))
+_GATHER_DTYPES = (("fp16", None), ("bf16", None), ("fp32", None))
+
+# What launch.py can pass on a GPU, per kernel use: the constexpr values beyond the config, the
+# dtype and the layout (the first value of each is the base variant's). PIXEL_ALIGN =
+# launch.pixel_align(P): any power of two up to 16 for NCHW, always 1 for channels_last. On
+# CUDA tensors the nearest index is always ATen's CUDA math (indexing.index_kernel_for gives
+# "cuda"), so INDEX_TABLES is always False there (the host tables serve CPU tensors under the
+# interpreter only), and so is DOT_IN_FP32 (interpreter only). The forward always has a top
+# (HAS_TOP), its bias is optional; grad_lateral is the forward kernel with no bias, top or
+# index (EXACT False); grad_weight's bias part is optional.
+LAUNCH_PIXEL_ALIGNS = (1, 2, 4, 8, 16)
+_LAUNCH_FLAGS = {
+    "forward": {"HAS_BIAS": (True, False), "EXACT": (False, True),
+                "INT64_INDEX": (False, True)},
+    "grad_lateral": {"INT64_INDEX": (False, True)},
+    "grad_weight": {"HAS_BIAS": (True, False), "INT64_INDEX": (False, True)},
+    "grad_top": {"EXACT": (False, True), "INT64_INDEX": (False, True)},
+    "ordered_sum": {},
+}
+_FIXED_FLAGS = {"forward": {"HAS_TOP": True},
+                "grad_lateral": {"HAS_BIAS": False, "HAS_TOP": False}}
+_ALIGNED_USES = ("forward", "grad_lateral", "grad_weight")  # kernels taking PIXEL_ALIGN
+
+
+def _layouts(use: str) -> list[tuple[bool | None, int | None]]:
+    """(channels_last, PIXEL_ALIGN) pairs launch.py can pass; the first two are the base's."""
+    if use == "ordered_sum":
+        return [(None, None)]
+    if use not in _ALIGNED_USES:
+        return [(False, None), (True, None)]
+    return ([(False, PROFILE_PIXEL_ALIGN), (True, 1)]
+            + [(False, a) for a in LAUNCH_PIXEL_ALIGNS if a != PROFILE_PIXEL_ALIGN])
+
+
+def _factors(use: str, size: int) -> dict[str, list]:
+    dtypes = _GATHER_DTYPES if use in ("grad_top", "ordered_sum") else _GEMM_DTYPES
+    configs = config_lists()[_KERNEL_OF[use]][size]
+    return {"config": list(range(len(configs))),
+            "dtype": [d for d in dtypes if (d[0] == "fp32") == (size == 4)],
+            "layout": _layouts(use),
+            **{k: list(v) for k, v in _LAUNCH_FLAGS[use].items()}}
+
+
+def _variant(use: str, row: dict) -> Variant:
+    (dtype, precision), (channels_last, align) = row["dtype"], row["layout"]
+    flags = dict(_FIXED_FLAGS.get(use, {}))
+    flags.update({k: row[k] for k in _LAUNCH_FLAGS[use]})
+    if align is not None:
+        flags["PIXEL_ALIGN"] = align
+    return Variant(_KERNEL_OF[use], use, row["config"], dtype, precision, channels_last,
+                   tuple(sorted(flags.items())))
+
+
+def _base_rows(factors: dict[str, list]) -> list[dict]:
+    """config x dtype x layout (NCHW at PROFILE_PIXEL_ALIGN, channels_last), other flags at
+    their first value."""
+    rows = []
+    for config in factors["config"]:
+        for dtype in factors["dtype"]:
+            for layout in factors["layout"][:2]:
+                row = {name: values[0] for name, values in factors.items()}
+                rows.append(dict(row, config=config, dtype=dtype, layout=layout))
+    return rows
+
+
+def _pairwise(factors: dict[str, list], seed: list[dict]) -> list[dict]:
+    """``seed`` plus rows picked greedily (deterministic: the first best row of the cross
+    product each time) until every value of every factor meets every value of every other
+    factor in some row: a covering array of strength 2."""
+    names = list(factors)
+    product = [dict(zip(names, values, strict=True))
+               for values in itertools.product(*factors.values())]
+
+    def pairs(row):
+        return {(a, repr(row[a]), b, repr(row[b])) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(r) for r in product))
+    chosen = list(seed)
+    for row in seed:
+        uncovered -= pairs(row)
+    while uncovered:
+        best = max(product, key=lambda r: len(pairs(r) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
 def shipped_variants() -> list[Variant]:
     """Every shipped config of every kernel, for each dtype, fp32 precision and layout it runs
-    with. The forward kernel counts twice: with its epilogue (forward) and bare (grad_lateral)."""
-    gemm_dtypes = [("fp16", None), ("bf16", None), ("fp32", "tf32"), ("fp32", "ieee")]
-    layouts = (False, True)
-    lists = config_lists()
-    out: list[Variant] = []
+    with (NCHW at PROFILE_PIXEL_ALIGN), the other flags at their common value (bias, 32-bit
+    offsets, "nearest"). The forward kernel counts twice: with its epilogue (forward) and bare
+    (grad_lateral)."""
+    return [_variant(use, row) for use in _LAUNCH_FLAGS for size in (2, 4)
+            for row in _base_rows(_factors(use, size))]
 
-    def add(kernel, use, dtypes, layouts, **flags):
-        for dtype, precision in dtypes:
-            size = 4 if dtype == "fp32" else 2
-            for index in range(len(lists[kernel][size])):
-                for channels_last in layouts:
-                    out.append(Variant(kernel, use, index, dtype, precision, channels_last,
-                                       tuple(sorted(flags.items()))))
 
-    add("upsample_add_conv1x1_kernel", "forward", gemm_dtypes, layouts,
-        HAS_BIAS=True, HAS_TOP=True)
-    add("upsample_add_conv1x1_kernel", "grad_lateral", gemm_dtypes, layouts,
-        HAS_BIAS=False, HAS_TOP=False)
-    add("conv1x1_weight_grad_kernel", "grad_weight", gemm_dtypes, layouts, HAS_BIAS=True)
-    add("nearest_upsample_grad_kernel", "grad_top", [(d, None) for d in ("fp16", "bf16", "fp32")],
-        layouts)
-    add("ordered_sum_kernel", "ordered_sum", [(d, None) for d in ("fp16", "bf16", "fp32")],
-        (None,))
-    return out
+def launcher_variants(full: bool = False) -> list[Variant]:
+    """Specializations launch.py can compile on a GPU (``_LAUNCH_FLAGS``). ``full``: the whole
+    cross product of config, dtype (and fp32 precision), layout, PIXEL_ALIGN and flags, per
+    kernel use and element size. Else ``shipped_variants`` plus a strength-2 covering array of
+    that product: each value of any factor (a config, a dtype, a PIXEL_ALIGN, EXACT, int64
+    offsets, ...) is compiled with each value of every other factor at least once."""
+    out: dict[Variant, None] = {}
+    for use in _LAUNCH_FLAGS:
+        for size in (2, 4):
+            factors = _factors(use, size)
+            if full:
+                rows = [dict(zip(factors, values, strict=True))
+                        for values in itertools.product(*factors.values())]
+            else:
+                rows = _pairwise(factors, _base_rows(factors))
+            out.update(dict.fromkeys(_variant(use, row) for row in rows))
+    return list(out)
+
+
+# Per-SM limits for the occupancy estimate: registers, dynamic shared memory (the block's
+# reservation of 1 KiB on top), resident warps and blocks.
+REGISTERS_PER_SM = 65536
+SHARED_MEMORY_PER_SM = {80: 167936, 90: 233472}
+SHARED_MEMORY_RESERVED_PER_BLOCK = 1024
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+
+
+def blocks_per_sm(arch: int, registers: int, warps: int, shared_bytes: int) -> int:
+    """Resident blocks (CTAs) per SM by the occupancy calculator's rules: registers are
+    allocated per warp in units of 256 (so a thread's count rounds up to a multiple of 8)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = REGISTERS_PER_SM // (warps * per_warp)
+    by_shared = SHARED_MEMORY_PER_SM[arch] // (shared_bytes + SHARED_MEMORY_RESERVED_PER_BLOCK)
+    return min(by_registers, by_shared, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM)
 
 
 def _cuobjdump() -> Path:
@@ -180,7 +304,8 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     pointers = _POINTERS[variant.kernel]
     constexprs = dict(variant.flags, **config.kwargs)
     named = {"CHANNELS_LAST": variant.channels_last, "INT64_INDEX": False,
-             "PIXEL_ALIGN": PROFILE_PIXEL_ALIGN, "DOT_IN_FP32": False,
+             "PIXEL_ALIGN": 1 if variant.channels_last else PROFILE_PIXEL_ALIGN,
+             "DOT_IN_FP32": False,
              "DOT_TF32": variant.precision != "ieee", "INDEX_TABLES": False,
              "EXACT": False}
     signature, attrs = {}, {}
@@ -215,6 +340,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
         local_bytes=usage["LOCAL"],
         shared_bytes=int(compiled.metadata.shared),
         mma=_mma_instruction(compiled.asm["ptx"]),
+        warps=config.num_warps,
     )
 
 
@@ -229,7 +355,11 @@ def _compile_job(job: tuple[Variant, int]) -> Report:
 def compile_all(variants: Iterable[Variant], archs: Sequence[int] = ARCHS,
                 jobs: int = 2) -> list[Report]:
     """Compile every variant for every arch in ``jobs`` spawned worker processes."""
-    work = [(v, arch) for v in variants for arch in archs]
+    return compile_cases([(v, arch) for v in variants for arch in archs], jobs)
+
+
+def compile_cases(work: Sequence[tuple[Variant, int]], jobs: int = 2) -> list[Report]:
+    """Compile each (variant, arch) in ``jobs`` spawned worker processes."""
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
                              initializer=_worker_init) as pool:
         return list(pool.map(_compile_job, work, chunksize=4))

@@ -119,23 +119,53 @@ def _first_destination(src, scale, in_size, out_size, search_steps, EXACT: tl.co
 
 # --------------------------------------------------------------------------- forward
 
-# (BLOCK_CO, BLOCK_P, BLOCK_K, warps, stages). C_out is 256 in every FPN, so 128-row channel
-# tiles make two programs per pixel tile; both are launched next to each other, so the lateral
-# tile comes from HBM once and from L2 the second time. fp32 takes BLOCK_K = 16 and 8 warps:
-# with BLOCK_K = 32 (or 4 warps with int64 offsets) the IEEE (FMA) dot spills registers on
-# sm_80; TF32 loses nothing by it, as the kernel is bound by memory. Every config here is
-# compiled for sm_80 and sm_90 by tests/test_triton_aot.py (no spills, tensor cores, shared
-# memory within the limit).
+# (BLOCK_CO, BLOCK_P, BLOCK_K, warps, stages), from the largest tile to the smallest; launch.py
+# picks the largest that still launches MIN_PROGRAMS programs (a rule on the shape, no timing).
+# C_out is 256 in every FPN, so 128-row channel tiles make two programs per pixel tile; both are
+# launched next to each other, so the lateral tile comes from HBM once and from L2 the second
+# time. fp32 takes BLOCK_K = 16: with 32 the IEEE (FMA) dot spills on sm_80; TF32 loses nothing
+# by it, as the kernel is bound by memory.
+#
+# Occupancy (sm_90: 65536 registers, 228 KiB shared memory per SM, 1 KiB of it reserved per
+# block; registers go to warps in units of 256, so a thread's count rounds up to 8). Two
+# resident blocks (CTAs) need registers x threads <= 32768 each (at most 128 registers a thread
+# with 8 warps, 255 with 4) and at most 113 KiB of shared memory each (stages x (BLOCK_CO +
+# BLOCK_P) x BLOCK_K x element size on sm_90). Forward, triton 3.8, 32-bit offsets: registers a
+# thread over the PIXEL_ALIGN / layout / flag variants tests/test_triton_aot.py compiles,
+# shared memory per block, blocks per SM, on sm_90 | sm_80:
+#   16-bit 0  128x128x64, 8 warps, 3 stages: 158-255 regs, 96 KiB, 1 | 173-255, 64 KiB, 1.
+#             Holding the top gather across the loop costs the second block here (the same
+#             tile without the epilogue, grad_lateral, takes 104-145 regs: 1-2 blocks).
+#   16-bit 1  128x64x64, 8 warps, 3 stages: 105-126 regs, 72 KiB, 2 | 127-178, 48 KiB, 1-2.
+#   16-bit 2  64x128x64, 8 warps, 3 stages: 108-128 regs, 72 KiB, 2 | 128-204, 48 KiB, 1-2.
+#   fp32   0  128x128x16, 8 warps, 4 stages: 144-254 regs, 64 KiB, 1 | 156-255, 48 KiB, 1.
+#   fp32   1  128x64x16, 8 warps, 3 stages: 124-130 regs, 36 KiB, 1-2 (TF32 NCHW at
+#             PIXEL_ALIGN 4 and 8 takes 130: 1 block) | 118-141, 32 KiB, 1-2.
+#   fp32   2  64x128x16, 8 warps, 4 stages: 76-128 regs, 48 KiB, 2 | 112-139, 36 KiB, 1-2.
+# UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS names the configs that keep 2 blocks per SM on sm_90 in every
+# compiled 32-bit-offset specialization; tests/test_triton_aot.py asserts it for each of their
+# forward and grad_lateral compiles. Tried and left out (tests/test_triton_aot.py's variants):
+# every BLOCK_P = 256 tile (128x256 spills at 8 warps; 64x256 spills at 4 warps and holds 1
+# block at 8), BLOCK_K = 128 with 2 stages (128x64 at 8 warps: 162 regs, 1 block; 64x128 at 4
+# warps spills on sm_80; 128x128 at 8 warps: 128 KiB, 1 block), and every 4-warp tile of
+# 8192 outputs (128x64, 64x128: they spill at PIXEL_ALIGN 1 or 2, where each element of the
+# NCHW tiles is its own load; the 64x128 4-warp config shipped before did too).
+# Known: 128x128 (config 0) spills with NCHW at PIXEL_ALIGN 1 and 64-bit offsets (an odd
+# pixel count in an image of 2^31 elements or more); tests/test_triton_aot.py lists it.
 UPSAMPLE_ADD_CONV1X1_CONFIGS = {
     2: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_CO": 128, "BLOCK_P": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     ],
     4: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_CO": 128, "BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
     ],
 }
+# Indices into UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size] of the 2-blocks-per-SM (sm_90) configs.
+UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS = {2: (1, 2), 4: (2,)}
 UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG = triton.Config(
     {"BLOCK_CO": 16, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1
 )
@@ -176,15 +206,14 @@ def upsample_add_conv1x1_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     co_in = offs_co < C_out
     p_in = offs_p < P
-    if HAS_TOP:
-        # --- the epilogue's source pixels first: their loads overlap the main loop
+    if HAS_TOP:  # the source pixels (int32: widened below, before scaling by C_out)
         if INDEX_TABLES:
             src_row = tl.load(src_row_ptr + offs_p // W, mask=p_in, other=0)
             src_col = tl.load(src_col_ptr + offs_p % W, mask=p_in, other=0)
         else:
             src_row = _nearest_source(offs_p // W, scale_h, h, EXACT)
             src_col = _nearest_source(offs_p % W, scale_w, w, EXACT)
-        src_pixel = src_row * w + src_col  # int32: widen before scaling by C_out
+        src_pixel = src_row * w + src_col
     if INT64_INDEX:  # one image holds 2^31 elements or more
         offs_co = offs_co.to(tl.int64)
         offs_p = offs_p.to(tl.int64)
@@ -194,6 +223,27 @@ def upsample_add_conv1x1_kernel(
             src_pixel = src_pixel.to(tl.int64)
     lateral_ptr += image * C_in * P
     out_ptr += image * C_out * P
+
+    # --- the epilogue's operands first, into registers: the index tables (or index math), the
+    # bias and, on the tensor-core path (DOT_TF32: 16-bit and TF32), the top gather are issued
+    # before the main loop, so their latency hides behind the GEMM instead of following it.
+    # top is gathered after the loop for IEEE fp32 (FMA), where the fp32 tile held across the
+    # loop (64 registers a thread at 128 x 128 and 8 warps) makes it spill, and for NCHW with
+    # PIXEL_ALIGN 1 or 2, where the operand tiles load element by element and need the
+    # registers. Only the loads move: the adds below keep their order, so every path gives the
+    # same bits.
+    channel, pixel = _to_tile(offs_co, offs_p, CHANNELS_LAST)
+    co_in_2d, p_in_2d = _to_tile(co_in, p_in, CHANNELS_LAST)
+    mask = co_in_2d & p_in_2d
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_co, mask=co_in, other=0.0).to(tl.float32)
+        bias_2d, _ = _to_tile(bias, offs_p, CHANNELS_LAST)
+    if HAS_TOP:
+        _, src_pixel_2d = _to_tile(offs_co, src_pixel, CHANNELS_LAST)
+        top_ptrs = top_ptr + image * C_out * h * w + _offsets(channel, src_pixel_2d, C_out,
+                                                              h * w, CHANNELS_LAST)
+        if DOT_TF32 and (CHANNELS_LAST or PIXEL_ALIGN >= 4):
+            top_tile = tl.load(top_ptrs, mask=mask, other=0.0)
 
     # --- main loop over C_in: fp32 accumulator, operand tiles in the input dtype
     weight_ptrs = weight_ptr + offs_co[:, None] * C_in + offs_k[None, :]  # [BLOCK_CO, BLOCK_K]
@@ -216,18 +266,11 @@ def upsample_add_conv1x1_kernel(
         lateral_ptrs += lateral_k_step
 
     # --- epilogue in registers: + bias + top[nearest source], one rounding, one store
-    channel, pixel = _to_tile(offs_co, offs_p, CHANNELS_LAST)
-    co_in_2d, p_in_2d = _to_tile(co_in, p_in, CHANNELS_LAST)
-    mask = co_in_2d & p_in_2d
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_co, mask=co_in, other=0.0).to(tl.float32)
-        bias_2d, _ = _to_tile(bias, offs_p, CHANNELS_LAST)
         acc += bias_2d
     if HAS_TOP:
-        _, src_pixel = _to_tile(offs_co, src_pixel, CHANNELS_LAST)
-        top_ptr += image * C_out * h * w
-        top_tile = tl.load(top_ptr + _offsets(channel, src_pixel, C_out, h * w, CHANNELS_LAST),
-                           mask=mask, other=0.0)
+        if not (DOT_TF32 and (CHANNELS_LAST or PIXEL_ALIGN >= 4)):
+            top_tile = tl.load(top_ptrs, mask=mask, other=0.0)
         acc += top_tile.to(tl.float32)
     out_ptrs = out_ptr + _offsets(channel, pixel, C_out, P, CHANNELS_LAST)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
