@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import fpn_kernels
 from fpn_kernels.cli.check import TOLERANCES as CHECK_TOLERANCES
+
+
+def run_pytest_under_interpreter(target: str, *pytest_args: str,
+                                 timeout: int = 900) -> subprocess.CompletedProcess:
+    """``target`` (a test file, or file::test) in a fresh ``python -m pytest`` with
+    TRITON_INTERPRET=1, which must be set before triton is imported (too late in this process).
+    Fails with the run's output unless it exits 0; returns the run for the caller's checks."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, target],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert run.returncode == 0, f"interpreter run failed:\n{run.stdout[-8000:]}\n{run.stderr}"
+    return run
+
 
 # (atol, rtol) per dtype for unit-scale data: the same table `python -m fpn_kernels check` uses.
 TOLERANCES = {

@@ -18,8 +18,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from _differential import (
     gradient_scales,
     op,
 )
-from conftest import fused_backends, make_inputs
+from conftest import fused_backends, make_inputs, run_pytest_under_interpreter
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -383,15 +381,9 @@ def test_named_nan_and_inf_examples(backend, dtype, layout, specials):
 
 def _triton_interpreter_run(marker: str) -> None:
     """This file's fuzz tests again, in a fresh process with TRITON_INTERPRET=1 (Triton only)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
     test = "test_matches_eager_long" if marker == "fuzz" else "test_matches_eager"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
-         f"{Path(__file__).resolve()}::{test}"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-        timeout=1800,
-    )
-    assert run.returncode == 0, f"interpreter fuzz failed:\n{run.stdout[-8000:]}\n{run.stderr}"
+    run = run_pytest_under_interpreter(f"{Path(__file__).resolve()}::{test}", "-m", marker,
+                                       timeout=1800)
     assert "1 passed" in run.stdout, run.stdout[-2000:]
 
 

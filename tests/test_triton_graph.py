@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_pytest_under_interpreter
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
@@ -37,14 +36,7 @@ if not INTERPRETING:
     from fpn_kernels.triton import launch
 
     def test_graphs_in_a_fresh_interpreter_process():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        repo = Path(__file__).resolve().parents[1]
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             str(Path(__file__).resolve())],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=900,
-        )
-        assert run.returncode == 0, f"interpreter run failed:\n{run.stdout[-8000:]}\n{run.stderr}"
+        run = run_pytest_under_interpreter(str(Path(__file__).resolve()))
         assert " passed" in run.stdout, run.stdout[-2000:]
         if _cpp.load("_C") is None:  # else the "cpu" backend case skips there
             assert " skipped" not in run.stdout, run.stdout[-2000:]

@@ -10,12 +10,11 @@ TRITON_INTERPRET=1; there the real matrix below is collected. Run the matrix dir
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_pytest_under_interpreter
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -23,14 +22,7 @@ if not INTERPRETING:
 
     def test_interpreter_matrix_in_a_fresh_process():
         pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        repo = Path(__file__).resolve().parents[1]
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             str(Path(__file__).resolve())],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=900,
-        )
-        assert run.returncode == 0, f"interpreter run failed:\n{run.stdout[-8000:]}\n{run.stderr}"
+        run = run_pytest_under_interpreter(str(Path(__file__).resolve()))
         assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
 
     def test_unavailable_reason_without_gpu_says_how_to_test():
