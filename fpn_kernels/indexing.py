@@ -162,16 +162,21 @@ def index_table_tensor(
     dtype: torch.dtype = torch.int32,
     double_math: bool = False,
 ) -> torch.Tensor:
-    """One axis's table as a tensor on ``device``, cached per device (one copy per shape):
-    ``table="source"``: :func:`source_indices`; ``table="ranges"``: :func:`destination_ranges`."""
+    """:func:`index_table` as a tensor on ``device``, cached per device (one copy per shape)."""
     args = (in_size, out_size, scale_factor, mode, index_kernel, double_math)
-    if table == "source":
-        build = lambda: source_indices(*args).copy()  # noqa: E731
-    elif table == "ranges":
-        build = lambda: destination_ranges(source_indices(*args), in_size)  # noqa: E731
-    else:
-        raise ValueError(f"table: expected 'source' or 'ranges', got {table!r}")
     return _cached_tensor(
         (table, *args, str(device), dtype),
-        lambda: torch.from_numpy(build()).to(device=device, dtype=dtype),
+        lambda: torch.from_numpy(index_table(table, *args)).to(device=device, dtype=dtype),
     )
+
+
+def index_table(table: str, in_size: int, out_size: int, scale_factor: float | None, mode: str,
+                index_kernel: str, double_math: bool = False) -> np.ndarray:
+    """One axis's table, a fresh array: ``table="source"``: :func:`source_indices`;
+    ``table="ranges"``: :func:`destination_ranges`."""
+    sources = source_indices(in_size, out_size, scale_factor, mode, index_kernel, double_math)
+    if table == "source":
+        return sources.copy()
+    if table == "ranges":
+        return destination_ranges(sources, in_size)
+    raise ValueError(f"table: expected 'source' or 'ranges', got {table!r}")

@@ -38,6 +38,7 @@ from torch import Tensor
 from .. import _eager_backend
 from ..indexing import (
     destination_ranges,
+    index_table,
     index_table_tensor,
     nearest_scale,
     source_indices,
@@ -113,7 +114,7 @@ def traced_launches() -> Iterator[None]:
     dispatch, no kernel side-table entry per call."""
     from torch._library.triton import set_wrap_triton_enabled
 
-    previous = getattr(_tracing, "on", False)
+    previous = tracing()
     _tracing.on = True
     try:
         with set_wrap_triton_enabled(True):
@@ -179,10 +180,8 @@ def _index_table(kind: str, in_size: int, out_size: int, scale: float | None, mo
     constant), since a cached real tensor cannot enter a graph traced with fake tensors."""
     if not tracing():
         return index_table_tensor(kind, in_size, out_size, scale, mode, index_kernel, device)
-    values = source_indices(in_size, out_size, scale, mode, index_kernel)
-    if kind == "ranges":
-        values = destination_ranges(values, in_size)
-    return torch.tensor(np.asarray(values).tolist(), dtype=torch.int32, device=device)
+    values = index_table(kind, in_size, out_size, scale, mode, index_kernel)
+    return torch.tensor(values.tolist(), dtype=torch.int32, device=device)
 
 
 class NearestIndex:
