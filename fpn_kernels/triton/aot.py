@@ -197,13 +197,18 @@ def _base_rows(factors: dict[str, list]) -> list[dict]:
     return rows
 
 
+def _product(factors: dict[str, list]) -> list[dict]:
+    """Every row of the factors' cross product, as {factor: value}."""
+    return [dict(zip(factors, values, strict=True))
+            for values in itertools.product(*factors.values())]
+
+
 def _pairwise(factors: dict[str, list], seed: list[dict]) -> list[dict]:
     """``seed`` plus rows picked greedily (deterministic: the first best row of the cross
     product each time) until every value of every factor meets every value of every other
     factor in some row: a covering array of strength 2."""
     names = list(factors)
-    product = [dict(zip(names, values, strict=True))
-               for values in itertools.product(*factors.values())]
+    product = _product(factors)
 
     def pairs(row):
         return {(a, repr(row[a]), b, repr(row[b])) for a, b in itertools.combinations(names, 2)}
@@ -238,11 +243,7 @@ def launcher_variants(full: bool = False) -> list[Variant]:
     for use in _LAUNCH_FLAGS:
         for size in (2, 4):
             factors = _factors(use, size)
-            if full:
-                rows = [dict(zip(factors, values, strict=True))
-                        for values in itertools.product(*factors.values())]
-            else:
-                rows = _pairwise(factors, _base_rows(factors))
+            rows = _product(factors) if full else _pairwise(factors, _base_rows(factors))
             out.update(dict.fromkeys(_variant(use, row) for row in rows))
     return list(out)
 
