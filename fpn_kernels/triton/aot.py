@@ -197,18 +197,29 @@ def _base_rows(factors: dict[str, list]) -> list[dict]:
     return rows
 
 
-def _product(factors: dict[str, list]) -> list[dict]:
-    """Every row of the factors' cross product, as {factor: value}."""
-    return [dict(zip(factors, values, strict=True))
-            for values in itertools.product(*factors.values())]
+def launchable(use: str, size: int, row: dict) -> bool:
+    """Whether launch.py can pick this row's config for its layout and PIXEL_ALIGN (the
+    forward kernel skips tiles that spill on unaligned NCHW rows; the others take any)."""
+    if _KERNEL_OF[use] != "upsample_add_conv1x1_kernel":
+        return True
+    from . import kernels
+
+    channels_last, align = row["layout"]
+    return kernels.forward_config_allowed(size, row["config"], channels_last, align)
 
 
-def _pairwise(factors: dict[str, list], seed: list[dict]) -> list[dict]:
-    """``seed`` plus rows picked greedily (deterministic: the first best row of the cross
-    product each time) until every value of every factor meets every value of every other
-    factor in some row: a covering array of strength 2."""
-    names = list(factors)
-    product = _product(factors)
+def _product(use: str, size: int, factors: dict[str, list]) -> list[dict]:
+    """Every row of the factors' cross product that launch.py can pick, as {factor: value}."""
+    rows = (dict(zip(factors, values, strict=True))
+            for values in itertools.product(*factors.values()))
+    return [row for row in rows if launchable(use, size, row)]
+
+
+def _pairwise(product: list[dict], seed: list[dict]) -> list[dict]:
+    """``seed`` plus rows of ``product`` picked greedily (deterministic: the first best row
+    each time) until every pair of factor values that meets in some row of ``product`` meets
+    in a chosen row: a covering array of strength 2."""
+    names = list(product[0])
 
     def pairs(row):
         return {(a, repr(row[a]), b, repr(row[b])) for a, b in itertools.combinations(names, 2)}
@@ -236,14 +247,16 @@ def shipped_variants() -> list[Variant]:
 def launcher_variants(full: bool = False) -> list[Variant]:
     """Specializations launch.py can compile on a GPU (``_LAUNCH_FLAGS``). ``full``: the whole
     cross product of config, dtype (and fp32 precision), layout, PIXEL_ALIGN and flags, per
-    kernel use and element size. Else ``shipped_variants`` plus a strength-2 covering array of
+    kernel use and element size, less the configs launch.py never picks for a layout and
+    PIXEL_ALIGN (``launchable``). Else ``shipped_variants`` plus a strength-2 covering array of
     that product: each value of any factor (a config, a dtype, a PIXEL_ALIGN, EXACT, int64
     offsets, ...) is compiled with each value of every other factor at least once."""
     out: dict[Variant, None] = {}
     for use in _LAUNCH_FLAGS:
         for size in (2, 4):
             factors = _factors(use, size)
-            rows = _product(factors) if full else _pairwise(factors, _base_rows(factors))
+            product = _product(use, size, factors)
+            rows = product if full else _pairwise(product, _base_rows(factors))
             out.update(dict.fromkeys(_variant(use, row) for row in rows))
     return list(out)
 

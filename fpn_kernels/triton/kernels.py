@@ -150,8 +150,10 @@ def _first_destination(src, scale, in_size, out_size, search_steps, EXACT: tl.co
 # warps spills on sm_80; 128x128 at 8 warps: 128 KiB, 1 block), and every 4-warp tile of
 # 8192 outputs (128x64, 64x128: they spill at PIXEL_ALIGN 1 or 2, where each element of the
 # NCHW tiles is its own load; the 64x128 4-warp config shipped before did too).
-# Known: 128x128 (config 0) spills with NCHW at PIXEL_ALIGN 1 and 64-bit offsets (an odd
-# pixel count in an image of 2^31 elements or more); tests/test_triton_aot.py lists it.
+# 128x128 (config 0) spills with NCHW at PIXEL_ALIGN 1 (an odd pixel count: each element of
+# the tiles is its own load; triton 3.8: 8 B of stack for 16-bit on sm_90, 40-200 B with 64-bit
+# offsets for every dtype; none at PIXEL_ALIGN 2), so such rows never use it:
+# ``forward_config_allowed``, which launch.py picks by and the AOT test compiles by.
 UPSAMPLE_ADD_CONV1X1_CONFIGS = {
     2: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -166,6 +168,17 @@ UPSAMPLE_ADD_CONV1X1_CONFIGS = {
 }
 # Indices into UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size] of the 2-blocks-per-SM (sm_90) configs.
 UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS = {2: (1, 2), 4: (2,)}
+# The least PIXEL_ALIGN an NCHW launch needs to use a config (by index; absent: any).
+UPSAMPLE_ADD_CONV1X1_NCHW_MIN_PIXEL_ALIGN = {2: {0: 2}, 4: {0: 2}}
+
+
+def forward_config_allowed(element_size: int, config_index: int, channels_last: bool,
+                           pixel_align: int) -> bool:
+    """Whether the forward kernel (and grad_lateral, the same kernel) may run config
+    ``config_index`` of ``UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size]`` for this layout and
+    PIXEL_ALIGN: everything but the tiles that spill on unaligned NCHW rows."""
+    least = UPSAMPLE_ADD_CONV1X1_NCHW_MIN_PIXEL_ALIGN[element_size].get(config_index, 1)
+    return channels_last or pixel_align >= least
 UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG = triton.Config(
     {"BLOCK_CO": 16, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1
 )
@@ -280,12 +293,15 @@ def upsample_add_conv1x1_kernel(
 
 # (BLOCK_CO, BLOCK_CI, BLOCK_K = pixels per step, warps, stages), BLOCK_K = 16 for fp32 as
 # above. The pixel chunk per program is chosen on the host from the shape alone (launch.py),
-# never from timing. The 128 x 128 16-bit tile steps 32 pixels over 4 stages: with 64 pixels
-# over 3, triton 3.6's bf16 NCHW build for sm_80 needs an 8-byte stack frame at 128 registers.
+# never from timing. The 16-bit tiles step 32 pixels over 4 stages: the 128 x 128 tile with 64
+# pixels over 3 needs an 8-byte stack frame in triton 3.6's bf16 NCHW build for sm_80, and the
+# 64 x 64 tile with 64 pixels (4 warps) spills 64-128 B with NCHW at PIXEL_ALIGN 1, where each
+# element is its own load (with 32: 92-236 registers, no spill, every variant the AOT test
+# compiles).
 CONV1X1_WEIGHT_GRAD_CONFIGS = {
     2: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     ],
     4: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),

@@ -94,10 +94,11 @@ def pixel_align(pixels: int, channels_last: bool = False) -> int:
     return 1 if channels_last else min(16, pixels & -pixels)
 
 
-def _pick(configs: Sequence[triton.Config], fits: Callable[[dict], bool]) -> triton.Config:
-    """The first config (lists go from the largest tile to the smallest) that ``fits``, else the
-    smallest."""
-    return next((c for c in configs if fits(c.kwargs)), configs[-1])
+def _pick(configs: Sequence[tuple[int, triton.Config]],
+          fits: Callable[[dict], bool]) -> tuple[int, triton.Config]:
+    """The first (index, config) (lists go from the largest tile to the smallest) whose config
+    ``fits``, else the smallest."""
+    return next(((i, c) for i, c in configs if fits(c.kwargs)), configs[-1])
 
 
 # ``traced_launches()`` sets this (per thread) while fpn_kernels.triton.graph decomposes an op
@@ -212,17 +213,23 @@ class NearestIndex:
 # --------------------------------------------------------------------------- 1x1 conv (+ epilogue)
 
 
-def forward_config(c_out: int, pixels: int, n: int, element_size: int) -> triton.Config:
-    """The forward's config, from the shape: the largest tile that still launches
-    MIN_PROGRAMS programs (else the smallest). No timing, so no tuning ever runs."""
+def forward_config(c_out: int, pixels: int, n: int, element_size: int,
+                   channels_last: bool) -> tuple[int, triton.Config]:
+    """The forward's config (index into the list, config), from the shape: the largest tile
+    that still launches MIN_PROGRAMS programs (else the smallest), among those allowed for the
+    layout and PIXEL_ALIGN (``kernels.forward_config_allowed``). No timing, so no tuning ever
+    runs."""
     if INTERPRETING:
-        return kernels.UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG
+        return -1, kernels.UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG
+    align = pixel_align(pixels, channels_last)
+    allowed = [(i, c) for i, c in enumerate(kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size])
+               if kernels.forward_config_allowed(element_size, i, channels_last, align)]
 
     def fits(meta: dict) -> bool:
         tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
         return tiles * n >= MIN_PROGRAMS
 
-    return _pick(kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size], fits)
+    return _pick(allowed, fits)
 
 
 def _conv1x1(
@@ -242,7 +249,7 @@ def _conv1x1(
     top_h, top_w = top.shape[2:] if top is not None else (0, 0)
     src_row, src_col = index.pointers(out) if index is not None else (out, out)
     scale_h, scale_w = index.scales if index is not None else (1.0, 1.0)
-    config = forward_config(c_out, pixels, n, lateral.element_size())
+    _, config = forward_config(c_out, pixels, n, lateral.element_size(), channels_last)
     meta = config.kwargs
     tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
     args = (
@@ -276,7 +283,7 @@ def _weight_grad_config(c_out: int, c_in: int, element_size: int) -> triton.Conf
         return all(triton.cdiv(c, block) * block <= 2 * c
                    for c, block in ((c_out, meta["BLOCK_CO"]), (c_in, meta["BLOCK_CI"])))
 
-    return _pick(kernels.CONV1X1_WEIGHT_GRAD_CONFIGS[element_size], fits)
+    return _pick(list(enumerate(kernels.CONV1X1_WEIGHT_GRAD_CONFIGS[element_size])), fits)[1]
 
 
 def weight_grad_split(n: int, pixels: int, tiles: int, block_k: int) -> tuple[int, int]:
