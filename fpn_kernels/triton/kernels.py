@@ -293,15 +293,16 @@ def upsample_add_conv1x1_kernel(
 
 # (BLOCK_CO, BLOCK_CI, BLOCK_K = pixels per step, warps, stages), BLOCK_K = 16 for fp32 as
 # above. The pixel chunk per program is chosen on the host from the shape alone (launch.py),
-# never from timing. The 16-bit tiles step 32 pixels over 4 stages: the 128 x 128 tile with 64
-# pixels over 3 needs an 8-byte stack frame in triton 3.6's bf16 NCHW build for sm_80, and the
-# 64 x 64 tile with 64 pixels (4 warps) spills 64-128 B with NCHW at PIXEL_ALIGN 1, where each
-# element is its own load (with 32: 92-236 registers, no spill, every variant the AOT test
-# compiles).
+# never from timing. The 128 x 128 16-bit tile steps 32 pixels over 4 stages: with 64 pixels
+# over 3, triton 3.6's bf16 NCHW build for sm_80 needs an 8-byte stack frame at 128 registers.
+# The 64 x 64 16-bit tile runs 8 warps (triton 3.8, every launchable variant: 78-192 registers
+# on sm_80, 43-192 on sm_90, no spill): with 4 warps it spilled 64-128 B with NCHW at
+# PIXEL_ALIGN 1, where each element is its own load, and stepping 32 pixels instead left an
+# 8-byte stack frame on sm_80 (PIXEL_ALIGN 4, 64-bit offsets, no bias).
 CONV1X1_WEIGHT_GRAD_CONFIGS = {
     2: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     ],
     4: [
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
