@@ -273,3 +273,37 @@ def test_cpu_reduced_precision_peak_is_at_least_float32s(monkeypatch):
     monkeypatch.setattr(machine, "_gemm_gflops", lambda dtype, device, size: measured[dtype])
     peaks = machine.measure_peaks("cpu", [torch.bfloat16, torch.float16])
     assert peaks.gemm_gflops == {"bfloat16": 150.0, "float16": 200.0}
+
+
+def test_summary_shows_each_case_and_what_auto_picks(tmp_path, small_peaks, monkeypatch, capsys):
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the cpu backend (compiled extension) is not built")
+    from fpn_kernels import _cpu_backend
+
+    # A rule that leaves the C_in = 8 level to eager, whatever this machine's ISA.
+    monkeypatch.setattr(_cpu_backend, "auto_declines",
+                        lambda dtype, channels_last, c_in: "test rule" if c_in == 8 else None)
+    out_json = tmp_path / "bench.json"
+    assert bench.main(["--shape", "1,8,4,6,10,3,5", "--shape", "1,5,3,7,9,4,5",
+                       "--min-repeats", "3", "--budget", "0.05", "--no-compile",
+                       "--layout", "both", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    picks = {(r["layout"], r["level"]): r["auto_backend"] for r in result["rows"]
+             if r["impl"] == "cpu"}
+    assert picks == {(layout, level): backend for layout in cases.LAYOUTS
+                     for level, backend in (("8x6x10", "eager"), ("5x7x9", "cpu"),
+                                            (report.TOTAL, None))}
+    capsys.readouterr()
+    assert report.main(["--summary", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "| case | 8x6x10 | 5x7x9 | total | auto picks | auto total |" in text
+    by = {(r["layout"], r["level"], r["impl"]): r["median_ms"] for r in result["rows"]}
+    for layout in cases.LAYOUTS:
+        line = next(line for line in text.splitlines()
+                    if line.startswith(f"| float32, {layout}, fwd |"))
+        auto_ms = by[(layout, "8x6x10", cases.OP_EAGER)] + by[(layout, "5x7x9", "cpu")]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == "eager, cpu"
+        assert cells[5] == f"{by[(layout, report.TOTAL, cases.EAGER)] / auto_ms:.2f}x"
+        eager_ms, cpu_ms = by[(layout, "8x6x10", cases.EAGER)], by[(layout, "8x6x10", "cpu")]
+        assert cells[1].startswith(f"{eager_ms / cpu_ms:.2f}x (")

@@ -190,10 +190,11 @@ def _ratio(numerator: float | None, denominator: float) -> float | None:
 
 def make_rows(level_name: str, shape: dict | None, key: dict, timings: dict[str, dict],
               errors: dict[str, float], work: dict[str, tuple[int, int] | None],
-              baseline: str, compiled: str, first_s: dict[str, float], *, peaks: Peaks
-              ) -> list[dict]:
+              baseline: str, compiled: str, first_s: dict[str, float], *, peaks: Peaks,
+              auto_backend: str | None = None) -> list[dict]:
     """One row per impl. ``timings[impl]``: ``Timing.as_dict()`` (or a sum's median_ms with
-    no percentiles); ``work[impl]`` = (GEMM FLOPs, model bytes), absent when unknown."""
+    no percentiles); ``work[impl]`` = (GEMM FLOPs, model bytes), absent when unknown;
+    ``auto_backend``: the backend ``backend="auto"`` picks for this level here."""
     base_ms = timings[baseline]["median_ms"]
     compile_ms = timings[compiled]["median_ms"] if compiled in timings else None
     peak_gflops = peaks.gemm_gflops[key["dtype"]]
@@ -203,6 +204,7 @@ def make_rows(level_name: str, shape: dict | None, key: dict, timings: dict[str,
         row = {"section": "neck" if baseline == NECK_BASELINE else "level", "level": level_name,
                "shape": shape, **key, "impl": impl, "baseline": baseline,
                "backend": cases.backend_of(impl) if baseline == EAGER else None,
+               "auto_backend": auto_backend,
                **timing,
                "speedup_vs_eager": _ratio(base_ms, median_ms),
                "speedup_vs_compile": _ratio(compile_ms, median_ms),
@@ -326,10 +328,14 @@ def run(args: argparse.Namespace, live_progress: bool | None = None) -> dict:
                 work = {impl: (gemm_flops(level, direction),
                                bytes_moved(level, element_size, cases.is_fused(impl), direction))
                         for impl in timings}
+                # What backend="auto" runs this level with here (its rule reads dtype, layout,
+                # C_in and the ISA), so a report can show what a user of "auto" gets.
+                auto = backends.select_backend("auto", torch.device(device), dtype,
+                                               layout == "channels_last", level.c_in)
                 level_builders.append(partial(
                     make_rows, level.name, level.as_dict(), key,
                     {impl: t.as_dict() for impl, t in timings.items()}, errors, work, EAGER,
-                    COMPILE, first_s))
+                    COMPILE, first_s, auto_backend=auto))
                 progress.advance()
             if neck and direction == "fwd":
                 progress.start(f"end-to-end neck {cases_label(dtype, layout, direction)}")

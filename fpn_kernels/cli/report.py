@@ -155,6 +155,55 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _impl_of_backend(backend: str) -> str:
+    return "op-eager" if backend == "eager" else backend  # as cli.cases.backend_of, reversed
+
+
+def _versus(time_ms: float, eager_ms: float, compile_ms: float | None) -> str:
+    text = _times(eager_ms / time_ms)
+    return text + (f" / {_times(compile_ms / time_ms)}" if compile_ms else "")
+
+
+def summary(result: dict, impl: str = "cpu") -> str:
+    """One markdown table: a row per (dtype, layout, direction), per level ``impl``'s speedup
+    over eager / over torch.compile (medians of one run) and its share of the GEMM peak, then
+    the total; and what ``backend="auto"`` gets: the backend it picked for each level (as
+    recorded by the run) and the sum of those backends' times against eager and compile."""
+    levels = [lv["name"] for lv in result["config"]["levels"]]
+    header = ["case", *levels, TOTAL, "auto picks", "auto total"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for key, rows in grouped(r for r in result["rows"] if r["section"] == "level"):
+        by = {(r["level"], r["impl"]): r for r in rows}
+        if not all((level, impl) in by for level in levels):
+            continue
+        cells = [group_title(key)]
+        for level in levels + [TOTAL]:
+            mine = by[(level, impl)]
+            eager = by[(level, "eager")]["median_ms"]
+            compiled = by.get((level, "compile"), {}).get("median_ms")
+            cell = _versus(mine["median_ms"], eager, compiled)
+            if mine.get("pct_gemm_peak") is not None and level != TOTAL:
+                cell += f" ({mine['pct_gemm_peak']:.0f}%)"
+            cells.append(cell)
+        picks = [by[(level, impl)].get("auto_backend") for level in levels]
+        if None in picks or any((lv, _impl_of_backend(b)) not in by
+                                for lv, b in zip(levels, picks, strict=True)):
+            cells += ["–", "–"]
+        else:
+            auto_ms = sum(by[(lv, _impl_of_backend(b))]["median_ms"]
+                          for lv, b in zip(levels, picks, strict=True))
+            compiled = by.get((TOTAL, "compile"), {}).get("median_ms")
+            cells += [", ".join(picks), _versus(auto_ms, by[(TOTAL, "eager")]["median_ms"],
+                                                compiled)]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- per level: {impl} vs eager / vs torch.compile, median times of one run, "
+             f"(% of the measured GEMM peak of the dtype); total: the sums over the levels.",
+             "- auto picks: the backend `backend=\"auto\"` chose for each level on this "
+             "machine; auto total: the sum of those backends' medians (eager's math through "
+             "the op where it picked eager) vs eager / vs torch.compile."]
+    return "\n".join([machine_line(result), "", levels_line(result), "", *lines, "", *notes]) + "\n"
+
+
 def plot(result: dict, path: str | Path) -> None:
     """Speedup over eager per level (and the total), one bar per implementation, one panel per
     (dtype, layout, direction)."""
@@ -200,9 +249,13 @@ def main(argv: list[str]) -> int:
                                      description="Render a `bench --json` file as markdown.")
     parser.add_argument("json_file")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the speedup bars")
+    parser.add_argument("--summary", action="store_true",
+                        help="one table of --impl's speedups per case and level, and what "
+                             "backend='auto' gets, instead of the full tables")
+    parser.add_argument("--impl", default="cpu", help="the summary's implementation (cpu)")
     args = parser.parse_args(argv)
     result = json.loads(Path(args.json_file).read_text())
-    sys.stdout.write(markdown(result))
+    sys.stdout.write(summary(result, args.impl) if args.summary else markdown(result))
     if args.plot:
         plot(result, args.plot)
     return 0
