@@ -123,8 +123,9 @@ def test_covering_array_pairs_every_launch_value():
             if use in aot._ALIGNED_USES:
                 aligns = {dict(v.flags)["PIXEL_ALIGN"] for v in rows if not v.channels_last}
                 size = 4 if v_config[1] else 2
-                launchable = {a for a in aot.LAUNCH_PIXEL_ALIGNS if aot.launchable(
-                    use, size, {"config": v_config[0], "layout": (False, a)})}
+                launchable = {a for a in aot.LAUNCH_PIXEL_ALIGNS if any(aot.launchable(
+                    use, size, {"config": v_config[0], "layout": (False, a),
+                                "dtype": (v.dtype, v.precision)}) for v in rows)}
                 assert aligns == launchable, (use, v_config, aligns)
 
 
@@ -137,21 +138,25 @@ def test_pixel_aligns_are_what_the_launcher_passes():
 @pytest.mark.skipif(launch.INTERPRETING, reason="the interpreter runs one fixed config")
 def test_compiled_configs_are_what_the_launcher_picks():
     """Over pixel counts 1..4096 (every PIXEL_ALIGN), two channel counts and three batch
-    sizes, both layouts and element sizes: each forward config launch.forward_config picks is
-    compiled (aot.launcher_variants(full=True)) for that layout and PIXEL_ALIGN, and each
-    compiled one is picked by some shape: the AOT test checks exactly what can run."""
-    compiled = {(v.config_index, v.dtype == "fp32", v.channels_last,
+    sizes, both layouts, element sizes and (fp32) precisions: each forward config
+    launch.forward_config picks is compiled (aot.launcher_variants(full=True)) for that
+    layout, PIXEL_ALIGN and precision, and each compiled one is picked by some shape: the AOT
+    test checks exactly what can run."""
+    compiled = {(v.config_index, v.dtype == "fp32", v.precision != "ieee", v.channels_last,
                  dict(v.flags)["PIXEL_ALIGN"])
                 for v in aot.launcher_variants(full=True) if v.use == "forward"}
     picked = set()
-    for size in (2, 4):
+    for size, tensor_cores in ((2, True), (4, True), (4, False)):
         for channels_last in (False, True):
             for pixels in range(1, 4097):
                 align = launch.pixel_align(pixels, channels_last)
                 for c_out in (64, 256):
                     for n in (1, 8, 64):
-                        index, _ = launch.forward_config(c_out, pixels, n, size, channels_last)
-                        picked.add((index, size == 4, channels_last, align))
+                        index, _ = launch.forward_config(c_out, pixels, n, size, channels_last,
+                                                         tensor_cores)
+                        picked.add((index, size == 4, tensor_cores, channels_last, align))
     assert picked == compiled, (sorted(picked - compiled), sorted(compiled - picked))
     assert not any(index == 0 and not channels_last and align == 1
-                   for index, _, channels_last, align in picked)
+                   for index, _, _, channels_last, align in picked)
+    assert {index for index, _, tensor_cores, _, _ in picked if not tensor_cores} == set(
+        kernels.UPSAMPLE_ADD_CONV1X1_FMA_CONFIGS)

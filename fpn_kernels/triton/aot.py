@@ -185,27 +185,30 @@ def _variant(use: str, row: dict) -> Variant:
                    tuple(sorted(flags.items())))
 
 
-def _base_rows(factors: dict[str, list]) -> list[dict]:
+def _base_rows(use: str, size: int, factors: dict[str, list]) -> list[dict]:
     """config x dtype x layout (NCHW at PROFILE_PIXEL_ALIGN, channels_last), other flags at
-    their first value."""
+    their first value, where launch.py can pick the config."""
     rows = []
     for config in factors["config"]:
         for dtype in factors["dtype"]:
             for layout in factors["layout"][:2]:
                 row = {name: values[0] for name, values in factors.items()}
                 rows.append(dict(row, config=config, dtype=dtype, layout=layout))
-    return rows
+    return [row for row in rows if launchable(use, size, row)]
 
 
 def launchable(use: str, size: int, row: dict) -> bool:
-    """Whether launch.py can pick this row's config for its layout and PIXEL_ALIGN (the
-    forward kernel skips tiles that spill on unaligned NCHW rows; the others take any)."""
+    """Whether launch.py can pick this row's config for its layout, PIXEL_ALIGN and precision
+    (the forward kernel skips tiles that spill on unaligned NCHW rows or on FMA units; the
+    others take any)."""
     if _KERNEL_OF[use] != "upsample_add_conv1x1_kernel":
         return True
     from . import kernels
 
     channels_last, align = row["layout"]
-    return kernels.forward_config_allowed(size, row["config"], channels_last, align)
+    tensor_cores = row["dtype"][1] != "ieee"
+    return kernels.forward_config_allowed(size, row["config"], channels_last, align,
+                                          tensor_cores)
 
 
 def _product(use: str, size: int, factors: dict[str, list]) -> list[dict]:
@@ -241,7 +244,7 @@ def shipped_variants() -> list[Variant]:
     offsets, "nearest"). The forward kernel counts twice: with its epilogue (forward) and bare
     (grad_lateral)."""
     return [_variant(use, row) for use in _LAUNCH_FLAGS for size in (2, 4)
-            for row in _base_rows(_factors(use, size))]
+            for row in _base_rows(use, size, _factors(use, size))]
 
 
 def launcher_variants(full: bool = False) -> list[Variant]:
@@ -256,7 +259,7 @@ def launcher_variants(full: bool = False) -> list[Variant]:
         for size in (2, 4):
             factors = _factors(use, size)
             product = _product(use, size, factors)
-            rows = product if full else _pairwise(product, _base_rows(factors))
+            rows = product if full else _pairwise(product, _base_rows(use, size, factors))
             out.update(dict.fromkeys(_variant(use, row) for row in rows))
     return list(out)
 

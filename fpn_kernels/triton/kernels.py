@@ -170,13 +170,20 @@ UPSAMPLE_ADD_CONV1X1_CONFIGS = {
 UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS = {2: (1, 2), 4: (2,)}
 # The least PIXEL_ALIGN an NCHW launch needs to use a config (by index; absent: any).
 UPSAMPLE_ADD_CONV1X1_NCHW_MIN_PIXEL_ALIGN = {2: {0: 2}, 4: {0: 2}}
+# The configs fp32 as IEEE (CUDA-core FMA, no tensor cores) may use: its operand tiles sit in
+# registers beside the accumulator, so the 8192- and 16384-output tiles spill (triton 3.6 on
+# sm_80: 128x128 48-112 B at every layout, 128x64 4 B at NCHW PIXEL_ALIGN 8).
+UPSAMPLE_ADD_CONV1X1_FMA_CONFIGS = (2,)
 
 
 def forward_config_allowed(element_size: int, config_index: int, channels_last: bool,
-                           pixel_align: int) -> bool:
+                           pixel_align: int, tensor_cores: bool) -> bool:
     """Whether the forward kernel (and grad_lateral, the same kernel) may run config
-    ``config_index`` of ``UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size]`` for this layout and
-    PIXEL_ALIGN: everything but the tiles that spill on unaligned NCHW rows."""
+    ``config_index`` of ``UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size]`` for this layout,
+    PIXEL_ALIGN and multiply (``tensor_cores``: 16-bit or TF32, i.e. DOT_TF32; else IEEE fp32
+    on FMA units): everything but the tiles that spill there."""
+    if not tensor_cores and config_index not in UPSAMPLE_ADD_CONV1X1_FMA_CONFIGS:
+        return False
     least = UPSAMPLE_ADD_CONV1X1_NCHW_MIN_PIXEL_ALIGN[element_size].get(config_index, 1)
     return channels_last or pixel_align >= least
 UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG = triton.Config(

@@ -213,17 +213,18 @@ class NearestIndex:
 # --------------------------------------------------------------------------- 1x1 conv (+ epilogue)
 
 
-def forward_config(c_out: int, pixels: int, n: int, element_size: int,
-                   channels_last: bool) -> tuple[int, triton.Config]:
+def forward_config(c_out: int, pixels: int, n: int, element_size: int, channels_last: bool,
+                   tensor_cores: bool = True) -> tuple[int, triton.Config]:
     """The forward's config (index into the list, config), from the shape: the largest tile
     that still launches MIN_PROGRAMS programs (else the smallest), among those allowed for the
-    layout and PIXEL_ALIGN (``kernels.forward_config_allowed``). No timing, so no tuning ever
-    runs."""
+    layout, PIXEL_ALIGN and multiply (``kernels.forward_config_allowed``; ``tensor_cores``:
+    DOT_TF32). No timing, so no tuning ever runs."""
     if INTERPRETING:
         return -1, kernels.UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG
     align = pixel_align(pixels, channels_last)
     allowed = [(i, c) for i, c in enumerate(kernels.UPSAMPLE_ADD_CONV1X1_CONFIGS[element_size])
-               if kernels.forward_config_allowed(element_size, i, channels_last, align)]
+               if kernels.forward_config_allowed(element_size, i, channels_last, align,
+                                                 tensor_cores)]
 
     def fits(meta: dict) -> bool:
         tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
@@ -249,7 +250,9 @@ def _conv1x1(
     top_h, top_w = top.shape[2:] if top is not None else (0, 0)
     src_row, src_col = index.pointers(out) if index is not None else (out, out)
     scale_h, scale_w = index.scales if index is not None else (1.0, 1.0)
-    _, config = forward_config(c_out, pixels, n, lateral.element_size(), channels_last)
+    dot = _dot_flags(lateral)
+    _, config = forward_config(c_out, pixels, n, lateral.element_size(), channels_last,
+                               dot["DOT_TF32"])
     meta = config.kwargs
     tiles = triton.cdiv(c_out, meta["BLOCK_CO"]) * triton.cdiv(pixels, meta["BLOCK_P"])
     args = (
@@ -265,7 +268,7 @@ def _conv1x1(
         PIXEL_ALIGN=pixel_align(pixels, channels_last),
         INDEX_TABLES=index is not None and index.from_tables,
         EXACT=index is not None and index.exact,
-        **_dot_flags(lateral),
+        **dot,
     )
     _launch(kernels.upsample_add_conv1x1_kernel, (tiles * n,), args, flags, config)
     return out
