@@ -21,6 +21,9 @@ cross product is about 940 compiles per architecture (some 30 minutes cold on 2 
   pressure, fp16 (MMA) and IEEE fp32 (FMA), of the forward, grad_weight and grad_top.
 
 ``FPN_AOT_FULL=1`` compiles the whole cross product for both architectures instead.
+On triton older than 3.7 (``make test-compat``) ``older_triton_allowance`` bounds what that
+compiler does differently (8-byte stack frames on sm_80, 1 block per SM for two sm_90 16-bit
+NCHW specializations), measured there over the whole product.
 Configs launch.py never picks for a layout and PIXEL_ALIGN (``kernels.forward_config_allowed``:
 the 128x128 forward tile on unaligned NCHW rows, where it spilled) are not compiled there;
 ``test_compiled_configs_are_what_the_launcher_picks`` holds the two rules together.
@@ -35,7 +38,7 @@ import os
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from fpn_kernels.triton import aot, kernels, launch  # noqa: E402
 
@@ -67,6 +70,36 @@ else:
 CASES = [(v, arch) for arch in aot.ARCHS for v in CHECKED[arch]]
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+# The configs are tuned and held to zero spills and 2 blocks per SM on the triton CI pins (3.8).
+# Triton 3.6 (torch 2.11, the GPU machine's stack; `make test-compat`) allocates registers
+# differently; FPN_AOT_FULL=1 there found, after the launcher rules above, 24 of 1578
+# specializations off that mark, and this bounds them so that a worse compile still fails:
+# * sm_80, NCHW: ptxas leaves an 8-byte stack frame (4-8 B of spill stores, at 64-255
+#   registers) in 12: fp32 forward/grad_lateral tiles with 64-bit offsets, grad_weight at a few
+#   PIXEL_ALIGNs. At most 8 B allowed there.
+# * sm_90: 16-bit forward 128x64 at NCHW PIXEL_ALIGN 16 (142-145 registers) and 64x128 at NCHW
+#   PIXEL_ALIGN 4 without bias (179) hold 1 block per SM, not 2. No spill on sm_90.
+OLDER_TRITON = _version(triton.__version__) < (3, 7)
+
+
+def older_triton_allowance(variant: aot.Variant, arch: int) -> tuple[int, int]:
+    """(stack bytes allowed, blocks per SM required of a TWO_BLOCKS config) for this compile."""
+    if not OLDER_TRITON:
+        return 0, 2
+    flags = dict(variant.flags)
+    stack = 8 if arch == 80 and variant.channels_last is False else 0
+    one_block = (arch == 90 and variant.channels_last is False and variant.dtype != "fp32"
+                 and ((variant.config_index == 1 and flags.get("PIXEL_ALIGN") == 16)
+                      or (variant.config_index == 2 and flags.get("PIXEL_ALIGN") == 4
+                          and flags.get("HAS_BIAS") is False)))
+    return stack, 1 if one_block else 2
+
+
 @pytest.fixture(scope="module")
 def reports() -> dict:
     compiled = aot.compile_cases(CASES, jobs=2)
@@ -78,7 +111,8 @@ def reports() -> dict:
 def test_compiles_fast(reports, variant, arch):
     report = reports[(variant, arch)]
     assert report.registers > 0, "cuobjdump reported no registers: the parse is broken"
-    assert not report.spills, (
+    stack_allowed, blocks_required = older_triton_allowance(variant, arch)
+    assert report.stack_bytes <= stack_allowed and report.local_bytes == 0, (
         f"{variant} sm_{arch} ({report.config}) spills: STACK {report.stack_bytes} B, "
         f"LOCAL {report.local_bytes} B per thread at {report.registers} registers"
     )
@@ -94,7 +128,7 @@ def test_compiles_fast(reports, variant, arch):
     if (arch == 90 and variant.kernel == "upsample_add_conv1x1_kernel"
             and variant.config_index in kernels.UPSAMPLE_ADD_CONV1X1_TWO_BLOCKS[size]
             and not dict(variant.flags).get("INT64_INDEX")):
-        assert report.blocks_per_sm >= 2, (
+        assert report.blocks_per_sm >= blocks_required, (
             f"{variant} sm_90 ({report.config}): {report.blocks_per_sm} block per SM at "
             f"{report.registers} registers and {report.shared_bytes} B of shared memory")
 
