@@ -16,8 +16,13 @@ def unavailable_reason() -> str | None:
 # forward, cpu / eager time in one interleaved `bench` run each:
 # * Zen 4 EPYC (AVX512-BF16, no AMX; 2026-12-02): bf16 NCHW P4 2.1x, P3 1.25x slower; channels_last
 #   P4 2.6x, P3 2.3x slower; P2 (C_in 256) 1.5x / 1.2x faster, so it stays on this kernel.
-# * Sapphire Rapids (AMX; issue #14's run): bf16 channels_last P4 1.9x, P3 1.1x slower forward and
-#   2.0x / 1.3x slower forward+backward, while NCHW runs on AMX here and wins (1.9x-2.4x).
+# * Sapphire Rapids (AMX) runs this kernel's bf16 GEMMs on AMX in both layouts, grad_weight
+#   included since 2026-12-03, and no case is left to eager there: in the full-matrix run of
+#   2026-12-03 (benchmarks/results/bench-cpu-spr-matrix.json) the kernel is faster than the
+#   eager backend (what "auto" runs instead) at every level, channels_last P4 / P3 forward
+#   4.2 / 10.6 ms against 4.5 / 14.5 ms, forward+backward 20.5 / 40.4 against 30.1 / 93.4; the
+#   rule that left bf16 channels_last P4/P3 to eager there made "auto" 1.09x slower forward
+#   and 1.32x slower forward+backward over the three levels in that run.
 # An explicit backend="cpu" still runs them. The rule reads the ISA, never a timing.
 GEMM_BOUND_C_IN = 512
 
@@ -39,10 +44,7 @@ def auto_declines(dtype: torch.dtype, channels_last: bool, c_in: int | None) -> 
     if not torch.backends.mkldnn.enabled:
         return None  # eager's bf16 conv is then ATen's slow fallback: this kernel wins
     if _amx_bf16():
-        if channels_last:
-            return (f"bfloat16 channels_last with C_in >= {GEMM_BOUND_C_IN}: eager's oneDNN "
-                    "convolution on AMX is faster than this kernel's AMX GEMMs there")
-        return None
+        return None  # this kernel's GEMMs run on AMX too
     if _has_avx512_bf16():
         return (f"bfloat16 with C_in >= {GEMM_BOUND_C_IN} on a CPU with AVX512-BF16 but no "
                 "AMX: eager's oneDNN convolution multiplies in bfloat16, this kernel in float32")
@@ -67,12 +69,9 @@ def details() -> str:
         why = ("torch.backends.mkldnn is disabled" if not torch.backends.mkldnn.enabled
                else "no AMX-BF16 on this CPU")
         text += f"; bfloat16 GEMMs as float32: {why}"
-    declined = [auto_declines(torch.bfloat16, cl, GEMM_BOUND_C_IN) is not None
-                for cl in (False, True)]  # NCHW, channels_last
-    if any(declined):
-        layouts = "any layout" if all(declined) else "channels_last"
+    if auto_declines(torch.bfloat16, False, GEMM_BOUND_C_IN) is not None:
         text += (f"; backend='auto' leaves bfloat16 merges with C_in >= {GEMM_BOUND_C_IN} "
-                 f"({layouts}) to eager's oneDNN convolution, which is faster there")
+                 "(any layout) to eager's oneDNN convolution, which is faster there")
     return text
 
 

@@ -37,8 +37,8 @@ RULE = [
     # Zen 4 / Ice Lake kind: AVX512-BF16, no AMX: eager for GEMM-bound levels in any layout
     (False, True, False, 1024, "eager"), (False, True, True, 512, "eager"),
     (False, True, False, 256, "cpu"), (False, True, True, 256, "cpu"),
-    # Sapphire Rapids kind: AMX: eager only for channels_last GEMM-bound levels
-    (True, True, True, 1024, "eager"), (True, True, False, 1024, "cpu"),
+    # Sapphire Rapids kind: AMX: this kernel's GEMMs run on AMX too, it keeps every level
+    (True, True, True, 1024, "cpu"), (True, True, False, 1024, "cpu"),
     (True, True, True, 256, "cpu"),
     # AVX2 only (Zen 3 kind): eager's bf16 conv is emulated there, the kernel always wins
     (False, False, False, 1024, "cpu"), (False, False, True, 2048, "cpu"),
@@ -70,7 +70,7 @@ def test_the_reason_is_reported(isa):
     assert any("AVX512-BF16 but no AMX" in r for r in reasons), reasons
     assert "leaves bfloat16 merges with C_in >= 512 (any layout)" in _cpu_backend.details()
     isa(amx=True, avx512_bf16=True)
-    assert "(channels_last)" in _cpu_backend.details()
+    assert "leaves" not in _cpu_backend.details()
     isa(amx=False, avx512_bf16=False)
     assert "leaves" not in _cpu_backend.details()
 
