@@ -155,10 +155,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _impl_of_backend(backend: str) -> str:
-    return "op-eager" if backend == "eager" else backend  # as cli.cases.backend_of, reversed
-
-
 def _versus(time_ms: float, eager_ms: float, compile_ms: float | None) -> str:
     text = _times(eager_ms / time_ms)
     return text + (f" / {_times(compile_ms / time_ms)}" if compile_ms else "")
@@ -174,6 +170,8 @@ def summary(result: dict, impl: str = "cpu") -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for key, rows in grouped(r for r in result["rows"] if r["section"] == "level"):
         by = {(r["level"], r["impl"]): r for r in rows}
+        # The run names each row's fpn_kernels backend ("backend"), so auto's pick maps to a row.
+        by_backend = {(r["level"], r["backend"]): r for r in rows if r["backend"]}
         if not all((level, impl) in by for level in levels):
             continue
         cells = [group_title(key)]
@@ -186,11 +184,11 @@ def summary(result: dict, impl: str = "cpu") -> str:
                 cell += f" ({mine['pct_gemm_peak']:.0f}%)"
             cells.append(cell)
         picks = [by[(level, impl)].get("auto_backend") for level in levels]
-        if None in picks or any((lv, _impl_of_backend(b)) not in by
+        if None in picks or any((lv, b) not in by_backend
                                 for lv, b in zip(levels, picks, strict=True)):
             cells += ["–", "–"]
         else:
-            auto_ms = sum(by[(lv, _impl_of_backend(b))]["median_ms"]
+            auto_ms = sum(by_backend[(lv, b)]["median_ms"]
                           for lv, b in zip(levels, picks, strict=True))
             compiled = by.get((TOTAL, "compile"), {}).get("median_ms")
             cells += [", ".join(picks), _versus(auto_ms, by[(TOTAL, "eager")]["median_ms"],
