@@ -186,6 +186,8 @@ def forward_config_allowed(element_size: int, config_index: int, channels_last: 
         return False
     least = UPSAMPLE_ADD_CONV1X1_NCHW_MIN_PIXEL_ALIGN[element_size].get(config_index, 1)
     return channels_last or pixel_align >= least
+
+
 UPSAMPLE_ADD_CONV1X1_INTERPRET_CONFIG = triton.Config(
     {"BLOCK_CO": 16, "BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1
 )
