@@ -307,3 +307,35 @@ def test_summary_shows_each_case_and_what_auto_picks(tmp_path, small_peaks, monk
         assert cells[5] == f"{by[(layout, report.TOTAL, cases.EAGER)] / auto_ms:.2f}x"
         eager_ms, cpu_ms = by[(layout, "8x6x10", cases.EAGER)], by[(layout, "8x6x10", "cpu")]
         assert cells[1].startswith(f"{eager_ms / cpu_ms:.2f}x (")
+
+
+def test_gemm_floor_times_eagers_conv_alone(tmp_path, small_peaks, capsys):
+    """--gemm-floor adds conv-only rows: eager's conv alone, with GFLOP/s but no error or
+    bytes model (it computes something else), and the summary's bound eager / conv-only."""
+    level = cases.parse_shape("1,8,4,6,10,3,5")
+    lateral, weight, bias, top = cases.make_inputs(level, torch.float32, False, "cpu")
+    floor = cases.make_impl(cases.CONV_ONLY, "cpu")
+    torch.testing.assert_close(floor(lateral, weight, bias, top),
+                               F.conv2d(lateral, weight, bias),
+                               rtol=0, atol=0)
+    out_json = tmp_path / "bench.json"
+    assert bench.main(["--shape", "1,8,4,6,10,3,5", "--shape", "1,5,3,7,9,4,5",
+                       "--min-repeats", "3", "--budget", "0.05", "--no-compile",
+                       "--mode", "both", "--gemm-floor", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    rows = [r for r in result["rows"] if r["impl"] == cases.CONV_ONLY]
+    assert {(r["direction"], r["level"]) for r in rows} == {
+        (d, lv) for d in cases.DIRECTIONS for lv in ("8x6x10", "5x7x9", report.TOTAL)}
+    for r in rows:
+        assert r["max_abs_err"] is None and r["bytes"] is None and r["backend"] is None
+        assert r["gflops"] > 0 and r["speedup_vs_eager"] > 0
+    capsys.readouterr()
+    assert report.main(["--summary", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    by = {(r["direction"], r["level"], r["impl"]): r["median_ms"] for r in result["rows"]}
+    line = next(line for line in text.splitlines() if line.startswith("| float32, nchw, fwd+bwd |"))
+    bound = by[("fwd+bwd", "8x6x10", cases.EAGER)] / by[("fwd+bwd", "8x6x10", cases.CONV_ONLY)]
+    assert f"; bound {bound:.2f}x" in line.split("|")[2]
+    assert "- bound (bench --gemm-floor)" in text
+    assert report.main([str(out_json)]) == 0
+    assert "conv-only (--gemm-floor)" in capsys.readouterr().out

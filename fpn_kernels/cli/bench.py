@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=2.0, metavar="SECONDS",
                    help="CPU timing time per case beyond --min-repeats rounds (default 2)")
+    p.add_argument("--gemm-floor", action="store_true",
+                   help=f"also time {cases.CONV_ONLY}: eager's 1x1 conv alone, no upsample or add "
+                        "(what a fused kernel with eager's own GEMM cannot go below; no error "
+                        "column, it computes something else)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="bar plot of the speedups over eager")
     return p
@@ -132,10 +136,12 @@ def _tensors(value) -> list[torch.Tensor]:
 
 
 def _errors(outputs: dict[str, list[torch.Tensor]], baseline: str) -> dict[str, float]:
+    """Max abs error of every output against the baseline's (none for the conv-only floor,
+    which computes something else)."""
     expected = outputs[baseline]
     return {name: max((cases.max_abs_error(a, e) for a, e in zip(got, expected, strict=True)),
                       default=0.0)
-            for name, got in outputs.items()}
+            for name, got in outputs.items() if name != cases.CONV_ONLY}
 
 
 def _first_calls(steps: dict[str, Callable[[], object]], device: str,
@@ -214,12 +220,13 @@ def make_rows(level_name: str, shape: dict | None, key: dict, timings: dict[str,
         if work.get(impl) is not None:
             flops, nbytes = work[impl]
             seconds = median_ms / 1e3
-            roof = roofline_ms(flops, nbytes, peak_gflops, peaks.stream_gbps)
-            row.update(flops=flops, bytes=nbytes,
-                       bytes_model="fused" if cases.is_fused(impl) else "eager",
-                       gflops=flops / seconds / 1e9, gbps=nbytes / seconds / 1e9,
-                       pct_gemm_peak=100 * flops / seconds / 1e9 / peak_gflops,
-                       roofline_ms=roof, pct_roofline=100 * roof / median_ms)
+            row.update(flops=flops, gflops=flops / seconds / 1e9,
+                       pct_gemm_peak=100 * flops / seconds / 1e9 / peak_gflops)
+            if nbytes is not None:
+                roof = roofline_ms(flops, nbytes, peak_gflops, peaks.stream_gbps)
+                row.update(bytes=nbytes, bytes_model="fused" if cases.is_fused(impl) else "eager",
+                           gbps=nbytes / seconds / 1e9, roofline_ms=roof,
+                           pct_roofline=100 * roof / median_ms)
         rows.append(row)
     return rows
 
@@ -235,8 +242,11 @@ def total_rows(rows: list[dict], levels: list[str], peaks: Peaks) -> list[dict]:
         timings[impl] = {"median_ms": sum(r["median_ms"] for r in mine), "p20_ms": None,
                          "p80_ms": None, "repeats": None, "spread": None,
                          "noisy": any(r["noisy"] for r in mine)}
-        errors[impl] = max(r["max_abs_err"] for r in mine)
-        work[impl] = (sum(r["flops"] for r in mine), sum(r["bytes"] for r in mine))
+        errs = [r["max_abs_err"] for r in mine]
+        if None not in errs:
+            errors[impl] = max(errs)
+        nbytes = [r["bytes"] for r in mine]
+        work[impl] = (sum(r["flops"] for r in mine), None if None in nbytes else sum(nbytes))
     key = {k: rows[0][k] for k in ("dtype", "layout", "direction")}
     return make_rows(report.TOTAL, None, key, timings, errors, work, EAGER, COMPILE, {},
                      peaks=peaks)
@@ -312,6 +322,7 @@ def run(args: argparse.Namespace, live_progress: bool | None = None) -> dict:
             key = {"dtype": dtype_name, "layout": layout, "direction": direction}
             impl_names = [EAGER] + ([] if args.no_compile else [COMPILE])
             impl_names += cases.backend_impls(device, dtype, args.backends)
+            impl_names += [cases.CONV_ONLY] if args.gemm_floor else []
             for name in args.backends or []:
                 if (cases.OP_EAGER if name == "eager" else name) not in impl_names:
                     reasons = backends.BACKENDS[name].not_supported_reasons(
@@ -326,6 +337,7 @@ def run(args: argparse.Namespace, live_progress: bool | None = None) -> dict:
                     level, dtype, layout, direction, impl_names, device, policy, skipped)
                 element_size = torch.empty((), dtype=dtype).element_size()
                 work = {impl: (gemm_flops(level, direction),
+                               None if impl == cases.CONV_ONLY else
                                bytes_moved(level, element_size, cases.is_fused(impl), direction))
                         for impl in timings}
                 # What backend="auto" runs this level with here (its rule reads dtype, layout,
@@ -369,6 +381,7 @@ def run(args: argparse.Namespace, live_progress: bool | None = None) -> dict:
             "image_hw": image_hw, "neck": neck,
             "dtypes": list(dtypes), "layouts": args.layout, "directions": args.mode,
             "backends": args.backends, "compile": not args.no_compile,
+            "gemm_floor": args.gemm_floor,
             "compile_options": cases.compile_options(device),
             "timing": {"min_repeats": policy.min_repeats, "max_repeats": policy.max_repeats,
                        "budget_s": policy.budget_s, "warmup": policy.warmup,

@@ -7,7 +7,11 @@ An implementation ("impl") is a function ``(lateral, weight, bias, top) -> out``
   the baseline every speedup and error is measured against;
 * ``compile``: ``torch.compile`` of that same function (mode "max-autotune" on CUDA);
 * one per fpn_kernels backend, through the public op: ``cpu``, ``triton``, ``cuda``, and
-  ``op-eager`` (the op's eager backend, which shows the custom op's own overhead).
+  ``op-eager`` (the op's eager backend, which shows the custom op's own overhead);
+* ``conv-only`` (``bench --gemm-floor``): not an implementation but a floor, eager's 1x1 conv
+  alone (``conv2d(lateral, weight, bias)``, oneDNN on CPU, cuDNN on CUDA; its backward for
+  fwd+bwd) without the upsample and the add. eager / conv-only is the most a fused kernel whose
+  GEMMs are only as fast as eager's can gain on that level.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import torch
 from torch import Tensor
 
 from .. import backends, upsample_add_conv1x1, upsample_add_conv1x1_reference
+from . import report
 
 Impl = Callable[[Tensor, Tensor, "Tensor | None", Tensor], Tensor]
 
 EAGER, COMPILE = "eager", "compile"
 OP_EAGER = "op-eager"  # the "eager" backend through the op: not to be confused with EAGER
+CONV_ONLY = report.CONV_ONLY  # a floor (eager's GEMMs alone), not an implementation of the op
 DIRECTIONS = ("fwd", "fwd+bwd")
 LAYOUTS = ("nchw", "channels_last")
 
@@ -193,7 +199,7 @@ def backend_impls(device: str, dtype: torch.dtype, only: Sequence[str] | None = 
 
 def backend_of(impl: str) -> str | None:
     """The fpn_kernels backend behind an impl name, None for the eager/compile baselines."""
-    if impl in (EAGER, COMPILE):
+    if impl in (EAGER, COMPILE, CONV_ONLY):
         return None
     return "eager" if impl == OP_EAGER else impl
 
@@ -213,6 +219,8 @@ def make_impl(name: str, device: str, compiler: str = "inductor") -> Impl:
     can never silently drop a later case to eager."""
     if name == EAGER:
         return upsample_add_conv1x1_reference
+    if name == CONV_ONLY:
+        return lambda lateral, weight, bias, top: torch.nn.functional.conv2d(lateral, weight, bias)
     if name == COMPILE:
         torch._dynamo.reset()
         return torch.compile(upsample_add_conv1x1_reference, dynamic=False, backend=compiler,

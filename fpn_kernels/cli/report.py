@@ -16,6 +16,7 @@ from pathlib import Path
 
 NOISE_MARK = "~"
 TOTAL = "total"
+CONV_ONLY = "conv-only"  # cases.CONV_ONLY (this module imports no torch)
 
 
 def _ms(value: float | None) -> str:
@@ -80,6 +81,10 @@ FOOTNOTES = [
 
 def footnotes(result: dict) -> list[str]:
     notes = list(FOOTNOTES)
+    if any(row["impl"] == CONV_ONLY for row in result["rows"]):
+        notes.append(f"{CONV_ONLY} (--gemm-floor): eager's 1x1 conv alone, without the upsample "
+                     "and the add: not the op (no error), the floor of any fused kernel whose "
+                     "GEMMs are only as fast as eager's; its vs eager is that kernel's bound.")
     if any(row["section"] == "neck" for row in result["rows"]):
         notes.append("neck: the whole ResNet-50-FPN neck end to end (fpn_kernels.cli.neck_bench);"
                      " there vs eager = vs torchvision's FPN, vs compile = vs its torch.compile.")
@@ -182,6 +187,9 @@ def summary(result: dict, impl: str = "cpu") -> str:
             cell = _versus(mine["median_ms"], eager, compiled)
             if mine.get("pct_gemm_peak") is not None and level != TOTAL:
                 cell += f" ({mine['pct_gemm_peak']:.0f}%)"
+            floor = by.get((level, CONV_ONLY))
+            if floor is not None:  # bench --gemm-floor: eager's GEMMs alone
+                cell += f"; bound {_times(eager / floor['median_ms'])}"
             cells.append(cell)
         picks = [by[(level, impl)].get("auto_backend") for level in levels]
         if None in picks or any((lv, b) not in by_backend
@@ -196,6 +204,10 @@ def summary(result: dict, impl: str = "cpu") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- per level: {impl} vs eager / vs torch.compile, median times of one run, "
              f"(% of the measured GEMM peak of the dtype); total: the sums over the levels.",
+             *([f"- bound (bench --gemm-floor): eager / {CONV_ONLY}, eager's 1x1 conv alone "
+                "(its GEMMs, no upsample or add): the most any fused kernel whose GEMMs are as "
+                "fast as eager's can gain over eager there."]
+               if any(r["impl"] == CONV_ONLY for r in result["rows"]) else []),
              "- auto picks: the backend `backend=\"auto\"` chose for each level on this "
              "machine; auto total: the sum of those backends' medians (eager's math through "
              "the op where it picked eager) vs eager / vs torch.compile."]
