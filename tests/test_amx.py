@@ -127,3 +127,17 @@ def test_amx_bits_do_not_depend_on_thread_count(case, channels_last):
         torch.set_num_threads(before)
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+@needs_amx
+@pytest.mark.parametrize("case", ["tails", "odd_c_out", "r50_p2_channels"])
+def test_amx_grad_weight_has_the_same_bits_in_both_layouts(case):
+    """channels_last grad_weight transposes grad_out (amx::transpose: 16-row gathers, masked
+    row tails, an odd last channel) to the operand NCHW reads in place, and packs lateral to the
+    block NCHW packs from its transpose: the same GEMMs, so the same bits, unless a transpose
+    or a pack puts an element in the wrong place."""
+    grads = {}
+    for channels_last in (False, True):
+        _, _, (_, grads[channels_last]) = run_case(case, channels_last)
+    assert torch.equal(grads[False]["weight"], grads[True]["weight"])
+    assert torch.equal(grads[False]["bias"], grads[True]["bias"])
