@@ -135,7 +135,8 @@ def test_amx_grad_weight_has_the_same_bits_in_both_layouts(case):
     """channels_last grad_weight transposes grad_out (amx::transpose: 16-row gathers, masked
     row tails, an odd last channel) to the operand NCHW reads in place, and packs lateral to the
     block NCHW packs from its transpose: the same GEMMs, so the same bits, unless a transpose
-    or a pack puts an element in the wrong place."""
+    or a pack puts an element in the wrong place. grad_bias sums the same interleaved lanes in
+    both layouts."""
     grads = {}
     for channels_last in (False, True):
         _, _, (_, grads[channels_last]) = run_case(case, channels_last)

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -581,35 +582,67 @@ void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t
   }
 }
 
-// grad_bias[o] = sum of grad_out[:, o] over every pixel, in pixel order, in acc precision per
-// image and double across images; parallel over blocks of channels (each channel is summed by
-// one thread in one order).
+// grad_bias[o] = sum of grad_out[:, o] over every pixel. Per pixel chunk (the shape's fixed
+// partition, as for grad_weight) a partial sum in acc precision in kBiasLanes interleaved lanes
+// (pixel i of the chunk into lane i % kBiasLanes, each lane in pixel order, then the lanes in
+// order): independent sums the compiler vectorizes in either layout, along the pixels in NCHW,
+// along the channels in channels_last, with the same bits in both. The chunks run on the
+// intra-op threads and their partials are added in double in chunk order, so the bits depend
+// on the shape alone. (One thread per block of channels, each walking every pixel, ran at a
+// fifth of the memory bandwidth at R50's P2 on the AMX Xeon: 14-22 ms.)
+constexpr int64_t kBiasLanes = 16;
+
+// static_cast<acc_t>(x), as a shift for bfloat16 (the upper half of an fp32), which the
+// compiler vectorizes better than c10::BFloat16's own conversion (R50 P2's bf16 grad_bias on
+// the AMX Xeon: NCHW 13.4 -> 10.7 ms, channels_last 5.8 -> 4.9).
+template <typename scalar_t>
+inline acc_t<scalar_t> widen(scalar_t x) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16);
+  } else {
+    return static_cast<acc_t<scalar_t>>(x);
+  }
+}
+
 template <typename scalar_t>
 void grad_bias_kernel(const Shape& s, const scalar_t* grad_out, double* grad_bias,
                       bool channels_last) {
   using acc = acc_t<scalar_t>;
-  constexpr int64_t kChannelBlock = 64;
   const int64_t hw = s.pixels();
-  const int64_t blocks = (s.c_out + kChannelBlock - 1) / kChannelBlock;
-  parallel_tasks(blocks, [&](int64_t block) {
-    const int64_t o0 = block * kChannelBlock, channels = std::min(kChannelBlock, s.c_out - o0);
-    std::vector<acc> sum(channels);
-    for (int64_t n = 0; n < s.n; ++n) {
-      std::fill(sum.begin(), sum.end(), acc(0));
-      if (!channels_last) {
-        for (int64_t o = 0; o < channels; ++o) {
-          const scalar_t* row = grad_out + (n * s.c_out + o0 + o) * hw;
-          for (int64_t p = 0; p < hw; ++p) sum[o] += static_cast<acc>(row[p]);
-        }
-      } else {
-        for (int64_t p = 0; p < hw; ++p) {
-          const scalar_t* pixel = grad_out + (n * hw + p) * s.c_out + o0;
-          for (int64_t o = 0; o < channels; ++o) sum[o] += static_cast<acc>(pixel[o]);
-        }
+  const Tiles chunks(s.h, s.w, kChunkPixels);
+  const int64_t count = s.n * chunks.per_image;
+  std::vector<acc> partials(count * s.c_out);
+  parallel_tasks(count, [&](int64_t chunk) {
+    const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+    acc* partial = partials.data() + chunk * s.c_out;
+    if (!channels_last) {
+      for (int64_t o = 0; o < s.c_out; ++o) {
+        const scalar_t* row = grad_out + (n * s.c_out + o) * hw + p0;
+        acc lanes[kBiasLanes] = {};
+        int64_t i = 0;
+        for (; i + kBiasLanes <= np; i += kBiasLanes)
+          for (int64_t j = 0; j < kBiasLanes; ++j) lanes[j] += widen(row[i + j]);
+        for (; i < np; ++i) lanes[i % kBiasLanes] += widen(row[i]);
+        acc sum = lanes[0];
+        for (int64_t j = 1; j < kBiasLanes; ++j) sum += lanes[j];
+        partial[o] = sum;
       }
-      for (int64_t o = 0; o < channels; ++o) grad_bias[o0 + o] += sum[o];
+    } else {
+      thread_local std::vector<acc> lanes;  // kBiasLanes x C_out, reused by the next chunks
+      lanes.assign(kBiasLanes * s.c_out, acc(0));
+      const scalar_t* pixels = grad_out + (n * hw + p0) * s.c_out;
+      for (int64_t i = 0; i < np; ++i) {
+        acc* __restrict__ lane = lanes.data() + (i % kBiasLanes) * s.c_out;
+        const scalar_t* __restrict__ pixel = pixels + i * s.c_out;
+        for (int64_t o = 0; o < s.c_out; ++o) lane[o] += widen(pixel[o]);
+      }
+      std::copy_n(lanes.data(), s.c_out, partial);
+      for (int64_t j = 1; j < kBiasLanes; ++j)
+        for (int64_t o = 0; o < s.c_out; ++o) partial[o] += lanes[j * s.c_out + o];
     }
   });
+  for (int64_t chunk = 0; chunk < count; ++chunk)
+    for (int64_t o = 0; o < s.c_out; ++o) grad_bias[o] += partials[chunk * s.c_out + o];
 }
 
 // grad_top[n, o, sy, sx] = ordered sum of grad_out over rows [rows.begin[sy], rows.begin[sy+1])
