@@ -21,6 +21,7 @@ TORCH_LIBRARY(fpn_kernels, m) {
   m.def("cpu_output_cache_stats() -> int[]");
   // Threads at::parallel_for runs on inside the CPU kernels (csrc/cpu/parallel_threads.cpp).
   m.def("cpu_parallel_threads() -> int");
-  // Whether the CPU kernels' bfloat16 GEMMs run on AMX tiles here (csrc/cpu/amx_gemm.cpp).
-  m.def("cpu_amx_bf16_gemm() -> bool");
+  // Which ISA the CPU kernels' bfloat16 GEMMs run on here (csrc/cpu/bf16_gemm.cpp): "amx_bf16",
+  // "avx512_bf16", or "" where they multiply fp32 copies through MKL.
+  m.def("cpu_bf16_gemm_isa() -> str");
 }

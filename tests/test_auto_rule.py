@@ -19,10 +19,11 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def isa(monkeypatch):
-    """``isa(amx=..., avx512_bf16=...)``: the CPU the rule sees."""
+    """``isa(gemm=..., avx512_bf16=...)``: the CPU the rule sees; ``gemm`` is what the kernel's
+    bf16 GEMMs run on ("amx_bf16", "avx512_bf16", or "" for fp32 copies)."""
 
-    def set_isa(amx: bool, avx512_bf16: bool):
-        monkeypatch.setattr(_cpu_backend, "_amx_bf16", lambda: amx)
+    def set_isa(gemm: str, avx512_bf16: bool):
+        monkeypatch.setattr(_cpu_backend, "_bf16_gemm_isa", lambda: gemm)
         monkeypatch.setattr(_cpu_backend, "_has_avx512_bf16", lambda: avx512_bf16)
 
     return set_isa
@@ -32,29 +33,32 @@ def auto(dtype=torch.bfloat16, channels_last=False, c_in=1024):
     return backends.select_backend("auto", CPU, dtype, channels_last, c_in)
 
 
-# (amx, avx512_bf16, channels_last, c_in) -> what auto picks for bfloat16
+# (kernel's bf16 GEMM, avx512_bf16, channels_last, c_in) -> what auto picks for bfloat16
 RULE = [
-    # Zen 4 / Ice Lake kind: AVX512-BF16, no AMX: eager for GEMM-bound levels in any layout
-    (False, True, False, 1024, "eager"), (False, True, True, 512, "eager"),
-    (False, True, False, 256, "cpu"), (False, True, True, 256, "cpu"),
-    # Sapphire Rapids kind: AMX: this kernel's GEMMs run on AMX too, it keeps every level
-    (True, True, True, 1024, "cpu"), (True, True, False, 1024, "cpu"),
-    (True, True, True, 256, "cpu"),
+    # AVX512-BF16 but the kernel's GEMMs on fp32 copies (ATen's brgemm refused bf16): eager for
+    # GEMM-bound levels in any layout
+    ("", True, False, 1024, "eager"), ("", True, True, 512, "eager"),
+    ("", True, False, 256, "cpu"), ("", True, True, 256, "cpu"),
+    # Zen 4 kind: the kernel's GEMMs on AVX512-BF16 too: it keeps every level
+    ("avx512_bf16", True, True, 1024, "cpu"), ("avx512_bf16", True, False, 512, "cpu"),
+    # Sapphire Rapids kind: AMX: the kernel keeps every level
+    ("amx_bf16", True, True, 1024, "cpu"), ("amx_bf16", True, False, 1024, "cpu"),
+    ("amx_bf16", True, True, 256, "cpu"),
     # AVX2 only (Zen 3 kind): eager's bf16 conv is emulated there, the kernel always wins
-    (False, False, False, 1024, "cpu"), (False, False, True, 2048, "cpu"),
+    ("", False, False, 1024, "cpu"), ("", False, True, 2048, "cpu"),
 ]
 
 
-@pytest.mark.parametrize(("amx", "avx512_bf16", "channels_last", "c_in", "want"), RULE)
-def test_auto_rule(isa, amx, avx512_bf16, channels_last, c_in, want):
-    isa(amx=amx, avx512_bf16=avx512_bf16)
+@pytest.mark.parametrize(("gemm", "avx512_bf16", "channels_last", "c_in", "want"), RULE)
+def test_auto_rule(isa, gemm, avx512_bf16, channels_last, c_in, want):
+    isa(gemm=gemm, avx512_bf16=avx512_bf16)
     assert auto(channels_last=channels_last, c_in=c_in) == want
     # An explicit request is never overruled.
     assert backends.select_backend("cpu", CPU, torch.bfloat16, channels_last, c_in) == "cpu"
 
 
 def test_the_rule_is_bfloat16_only_and_needs_onednn(isa):
-    isa(amx=False, avx512_bf16=True)
+    isa(gemm="", avx512_bf16=True)
     for dtype in (torch.float32, torch.float64, torch.float16):
         assert auto(dtype=dtype) == "cpu"
     assert auto(c_in=None) == "cpu"  # unknown channels: no rule
@@ -64,14 +68,14 @@ def test_the_rule_is_bfloat16_only_and_needs_onednn(isa):
 
 
 def test_the_reason_is_reported(isa):
-    isa(amx=False, avx512_bf16=True)
+    isa(gemm="", avx512_bf16=True)
     reasons = backends.BACKENDS["cpu"].not_supported_reasons(CPU, torch.bfloat16, auto=True,
                                                              c_in=1024)
-    assert any("AVX512-BF16 but no AMX" in r for r in reasons), reasons
+    assert any("run as float32 (ATen's brgemm refused them)" in r for r in reasons), reasons
     assert "leaves bfloat16 merges with C_in >= 512 (any layout)" in _cpu_backend.details()
-    isa(amx=True, avx512_bf16=True)
+    isa(gemm="amx_bf16", avx512_bf16=True)
     assert "leaves" not in _cpu_backend.details()
-    isa(amx=False, avx512_bf16=False)
+    isa(gemm="", avx512_bf16=False)
     assert "leaves" not in _cpu_backend.details()
 
 
@@ -83,7 +87,7 @@ def fused_kernel_calls(fn) -> int:
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_the_op_follows_the_rule_end_to_end(isa, channels_last):
-    isa(amx=False, avx512_bf16=True)
+    isa(gemm="", avx512_bf16=True)
     big = make_inputs(c_in=512, c_out=8, dtype=torch.bfloat16, channels_last=channels_last)
     small = make_inputs(c_in=64, c_out=8, dtype=torch.bfloat16, channels_last=channels_last)
     want = fpn_kernels.upsample_add_conv1x1_reference(*big)

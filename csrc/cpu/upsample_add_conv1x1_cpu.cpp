@@ -5,10 +5,10 @@
 //      double) or, for bfloat16/half, into an fp32 tile;
 //   2. one GEMM (TileGemm) accumulates weight (C_out, C_in) @ lateral tile (C_in, P) onto it
 //      while the tile is hot in L2: at::mm_out on views of the tiles (torch's own BLAS, MKL in
-//      the x86 wheels), or for bfloat16 on AMX CPUs oneDNN's brgemm ukernel on the bf16 tiles
-//      (csrc/cpu/amx_gemm.h). Otherwise half/bfloat16 operands go through fp32 copies of the
-//      tiles (C_in*P conversions against 2*C_out*C_in*P flops). A half/bfloat16 sum is built
-//      in an fp32 tile and rounded once into the output.
+//      the x86 wheels), or for bfloat16 on AMX or AVX512-BF16 CPUs oneDNN's brgemm ukernel on
+//      the bf16 tiles (csrc/cpu/bf16_gemm.h). Otherwise half/bfloat16 operands go through fp32
+//      copies of the tiles (C_in*P conversions against 2*C_out*C_in*P flops). A half/bfloat16
+//      sum is built in an fp32 tile and rounded once into the output.
 // The output is the only output-sized allocation (from csrc/cpu/output_cache: memory a dead
 // output of an earlier call left mapped).
 //
@@ -39,7 +39,7 @@
 #include <vector>
 
 #include "common/op_args.h"
-#include "cpu/amx_gemm.h"
+#include "cpu/bf16_gemm.h"
 #include "cpu/output_cache.h"
 
 namespace fpn_kernels {
@@ -133,15 +133,16 @@ Tile<T> pixel_tile(T* base, int64_t n, int64_t p0, int64_t channels, int64_t hw,
 
 // Where a task builds the sum for its output tile (np pixels x `channels`): in the tile itself
 // for float/double; for half/bfloat16 in an fp32 scratch tile that store() rounds into the
-// output, the one rounding. `amx`: the tile's GEMM runs on AMX, so the CPU has AVX-512 and the
-// bfloat16 rounding takes amx::round_to_bf16 (ATen's copy_ dispatches to its AVX2 kernel).
+// output, the one rounding. `avx512`: the tile's GEMM runs on the brgemm (bf16_gemm), so the
+// CPU has AVX-512 and the bfloat16 rounding takes bf16_gemm::round_to_bf16 (ATen's copy_
+// dispatches to its AVX2 kernel).
 template <typename scalar_t>
 struct AccTile {
-  AccTile(Tile<scalar_t> out, int64_t np, int64_t channels, bool channels_last, bool amx)
+  AccTile(Tile<scalar_t> out, int64_t np, int64_t channels, bool channels_last, bool avx512)
       : out(out),
         rows(channels_last ? np : channels),
         cols(channels_last ? channels : np),
-        amx(amx) {
+        avx512(avx512) {
     if constexpr (kAccumulatesInPlace<scalar_t>) {
       data = out.data;
       ld = out.ld;
@@ -160,9 +161,9 @@ struct AccTile {
   }
   void store() const {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (amx) {
+      if (avx512) {
         for (int64_t r = 0; r < rows; ++r) {
-          amx::round_to_bf16(data + r * ld, out.data + r * out.ld, cols);
+          bf16_gemm::round_to_bf16(data + r * ld, out.data + r * out.ld, cols);
         }
         return;
       }
@@ -173,7 +174,7 @@ struct AccTile {
   }
   Tile<scalar_t> out;
   int64_t rows, cols;
-  bool amx;
+  bool avx512;
   acc_t<scalar_t>* data;
   int64_t ld;
 };
@@ -182,8 +183,9 @@ struct AccTile {
 // tile's layout; c is the tile's sum (accumulation precision, row stride ldc):
 //   NCHW:          c (F rows x np) [+]= F (F rows x K) @ tile (K x np);
 //   channels_last: c (np x F cols) [+]= tile (np x K) @ F (K x F cols).
-// bfloat16 runs on AMX tiles where amx::usable says so (F is packed once per call, an NCHW tile
-// once per task); everything else goes through matmul (MKL), half/bfloat16 as fp32 copies.
+// bfloat16 runs on oneDNN's brgemm where bf16_gemm::usable says so (F is packed once per call,
+// an NCHW tile once per task); everything else goes through matmul (MKL), half/bfloat16 as
+// fp32 copies.
 template <typename scalar_t>
 class TileGemm {
  public:
@@ -192,8 +194,8 @@ class TileGemm {
         k_(channels_last ? fixed.size(0) : fixed.size(1)),
         f_rows_(fixed.size(0)),
         f_cols_(fixed.size(1)) {
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) use_amx_ = amx::usable(k_);
-    if (!use_amx_) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) use_brgemm_ = bf16_gemm::usable(k_);
+    if (!use_brgemm_) {
       fixed_acc_ = as_acc(fixed);  // a view for float/double, an fp32 copy for half/bfloat16
       return;
     }
@@ -209,21 +211,21 @@ class TileGemm {
     }
   }
 
-  bool uses_amx() const { return use_amx_; }
+  bool uses_brgemm() const { return use_brgemm_; }
 
   void run(Tile<const scalar_t> tile, int64_t np, acc_t<scalar_t>* c, int64_t ldc,
            bool accumulate) const {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (use_amx_) {
+      if (use_brgemm_) {
         if (channels_last_) {
-          amx::gemm(tile.data, np, tile.ld, packed_fixed_, c, ldc, accumulate);
+          bf16_gemm::gemm(tile.data, np, tile.ld, packed_fixed_, c, ldc, accumulate);
         } else {
           // Per thread, reused by its next tiles and calls: at most K x 1024 bf16 (4 MiB at
           // C_in = 2048), instead of a fresh, page-faulting buffer per tile.
-          thread_local amx::PackedB packed_tile;
+          thread_local bf16_gemm::PackedB packed_tile;
           packed_tile.pack(tile.data, k_, np, tile.ld);
-          amx::gemm(fixed_.const_data_ptr<at::BFloat16>(), f_rows_, k_, packed_tile, c, ldc,
-                    accumulate);
+          bf16_gemm::gemm(fixed_.const_data_ptr<at::BFloat16>(), f_rows_, k_, packed_tile, c,
+                          ldc, accumulate);
         }
         return;
       }
@@ -240,10 +242,10 @@ class TileGemm {
  private:
   bool channels_last_;
   int64_t k_, f_rows_, f_cols_;
-  bool use_amx_ = false;
-  at::Tensor fixed_acc_;        // MKL path: F in accumulation precision
-  at::Tensor fixed_;            // AMX path, NCHW: F contiguous (bf16)
-  amx::PackedB packed_fixed_;  // AMX path, channels_last: F packed
+  bool use_brgemm_ = false;
+  at::Tensor fixed_acc_;             // MKL path: F in accumulation precision
+  at::Tensor fixed_;                 // brgemm path, NCHW: F contiguous (bf16)
+  bf16_gemm::PackedB packed_fixed_;  // brgemm path, channels_last: F packed
 };
 
 // Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.
@@ -370,12 +372,12 @@ void prologue_nchw(const Shape& s, int64_t n, int64_t p0, int64_t np, acc_t<scal
 }
 
 // c[p, o] = bias[o] + top[n, src_row(y), src_col(x), o] (channels_last: contiguous C_out rows);
-// bias already in accumulation precision (or null). `amx`: AVX-512 is there (see AccTile).
+// bias already in accumulation precision (or null). `avx512`: AVX-512 is there (see AccTile).
 template <typename scalar_t>
 void prologue_channels_last(const Shape& s, int64_t n, int64_t p0, int64_t np,
                             acc_t<scalar_t>* c, const acc_t<scalar_t>* bias,
                             const scalar_t* top, const AxisTables& rows, const AxisTables& cols,
-                            bool amx) {
+                            bool avx512) {
   using acc_type = acc_t<scalar_t>;
   for (int64_t p = p0; p < p0 + np; ++p) {
     const int64_t y = p / s.w, x = p - y * s.w;
@@ -383,8 +385,8 @@ void prologue_channels_last(const Shape& s, int64_t n, int64_t p0, int64_t np,
         top + ((n * s.top_h + rows.src[y]) * s.top_w + cols.src[x]) * s.c_out;
     acc_type* __restrict__ dst = c + (p - p0) * s.c_out;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (amx) {
-        amx::widen_add(top_pixel, bias, dst, s.c_out);
+      if (avx512) {
+        bf16_gemm::widen_add(top_pixel, bias, dst, s.c_out);
         continue;
       }
     }
@@ -412,12 +414,12 @@ void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& w
   parallel_tasks(s.n * tiles.per_image, [&](int64_t task) {
     const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
     const AccTile<scalar_t> sum(pixel_tile(out_data, n, p0, s.c_out, hw, channels_last), np,
-                                s.c_out, channels_last, gemm.uses_amx());
+                                s.c_out, channels_last, gemm.uses_brgemm());
     if (!channels_last) {
       prologue_nchw<scalar_t>(s, n, p0, np, sum.data, sum.ld, bias, top, rows, cols);
     } else {
       prologue_channels_last<scalar_t>(s, n, p0, np, sum.data, bias_acc, top, rows, cols,
-                                       gemm.uses_amx());
+                                       gemm.uses_brgemm());
     }
     gemm.run(pixel_tile(lateral, n, p0, s.c_in, hw, channels_last), np, sum.data, sum.ld,
              /*accumulate=*/true);
@@ -478,15 +480,15 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
   parallel_tasks(s.n * tiles.per_image, [&](int64_t task) {
     const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
     const AccTile<scalar_t> sum(pixel_tile(grad_lateral_data, n, p0, s.c_in, hw, channels_last),
-                                np, s.c_in, channels_last, gemm.uses_amx());
+                                np, s.c_in, channels_last, gemm.uses_brgemm());
     gemm.run(pixel_tile(grad_out, n, p0, s.c_out, hw, channels_last), np, sum.data, sum.ld,
              /*accumulate=*/false);
     sum.store();
   });
 }
 
-// grad_weight (below) for bfloat16 on AMX tiles: per chunk, the even part of its pixels
-// [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
+// grad_weight (below) for bfloat16 on the brgemm (bf16_gemm): per chunk, the even part of its
+// pixels [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
 // reduction), an odd last pixel a rank-1 fp32 update. A is grad_chunk (C_out, k) row-major:
 // grad_out itself in NCHW, a transposed bf16 copy in channels_last (pixels are the reduction,
 // so they must be A's contiguous axis); B is lateral_chunk^T (k, C_in). The chunk runs on the
@@ -494,10 +496,10 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
 // which stays in L2 while all of A meets it (a task per row block, each streaming the whole
 // packed B from L3, measured ~2x slower). Each element's sum (chunks in order, the ukernel's
 // fixed order inside one) does not depend on the thread count.
-void grad_weight_kernel_amx(const Shape& s, const at::BFloat16* grad_out,
+void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
                             const at::BFloat16* lateral, at::Tensor& weight_acc,
                             bool channels_last) {
-  constexpr int64_t kColBlock = amx::PackedB::kBlockN;
+  constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
   float* acc = weight_acc.mutable_data_ptr<float>();
@@ -519,7 +521,7 @@ void grad_weight_kernel_amx(const Shape& s, const at::BFloat16* grad_out,
       lateral_chunk = lateral + (n * hw + p0) * s.c_in;  // (k, C_in), row stride C_in
       if (k > 0) {
         grad_t.resize(s.c_out * k);
-        amx::transpose(g, k, s.c_out, s.c_out, grad_t.data(), k);
+        bf16_gemm::transpose(g, k, s.c_out, s.c_out, grad_t.data(), k);
       }
       grad_chunk = grad_t.data();
       lda = k;
@@ -530,13 +532,13 @@ void grad_weight_kernel_amx(const Shape& s, const at::BFloat16* grad_out,
     parallel_tasks((s.c_in + kColBlock - 1) / kColBlock, [&](int64_t block) {
       const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
       if (k > 0) {
-        thread_local amx::PackedB packed;  // reused by the thread's next blocks and calls
+        thread_local bf16_gemm::PackedB packed;  // reused by the thread's next blocks and calls
         if (!channels_last) {
           packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
         } else {
           packed.pack(lateral_chunk + i0, k, cols, s.c_in);
         }
-        amx::gemm(grad_chunk, s.c_out, lda, packed, acc + i0, s.c_in, /*accumulate=*/true);
+        bf16_gemm::gemm(grad_chunk, s.c_out, lda, packed, acc + i0, s.c_in, /*accumulate=*/true);
       }
       if (!odd) return;
       for (int64_t o = 0; o < s.c_out; ++o) {
@@ -560,8 +562,8 @@ template <typename scalar_t>
 void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
                         at::Tensor& weight_acc, bool channels_last) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (amx::available()) {
-      grad_weight_kernel_amx(s, grad_out, lateral, weight_acc, channels_last);
+    if (bf16_gemm::available()) {
+      grad_weight_kernel_brgemm(s, grad_out, lateral, weight_acc, channels_last);
       return;
     }
   }

@@ -1,8 +1,11 @@
-// bfloat16 GEMMs with fp32 accumulation on AMX tiles (Sapphire Rapids and later), through
-// ATen's oneDNN brgemm ukernel (at::native::cpublas::brgemm, which torch's CPU flash attention
-// uses). Without it, the CPU kernels multiply bf16 tiles as fp32 copies with MKL: on the AMX
-// Xeon of 2026-12-01 that ran at ~80 GFLOP/s per core against ~680 for these GEMMs inside the
-// forward, and made the fused bf16 P4 level slower than eager's oneDNN convolution.
+// bfloat16 GEMMs with fp32 accumulation through ATen's oneDNN brgemm ukernel
+// (at::native::cpublas::brgemm, which torch's CPU flash attention uses): on AMX tiles where the
+// CPU has AMX-BF16 (Sapphire Rapids and later), with AVX512-BF16's VDPBF16PS where it has that
+// but no AMX (Zen 4, Cooper Lake). Without either, the CPU kernels multiply bf16 tiles as fp32
+// copies with MKL: on the AMX Xeon of 2026-12-01 that ran at ~80 GFLOP/s per core against ~680
+// for these GEMMs inside the forward, and on the Zen 4 EPYC of 2026-12-04 it left every
+// GEMM-bound bf16 level 1.7-2.4x slower than eager's oneDNN convolution (0.95-1.04x with
+// VDPBF16PS, forward, same run conditions).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -10,12 +13,17 @@
 #include <cstdint>
 #include <memory>
 
-namespace fpn_kernels::amx {
+namespace fpn_kernels::bf16_gemm {
 
-// Whether these GEMMs run here with a reduction of length `k`: the CPU has AMX-BF16,
-// torch.backends.mkldnn is enabled (the switch that also moves eager's convolutions off
-// oneDNN), and k is even. The ukernel multiplies bf16 in pairs along k; on torch 2.14.1 an odd
-// k makes its generated code raise SIGILL, so odd reductions keep the fp32 path.
+// The instructions these GEMMs run on here: the CPU's (AMX-BF16 first), with
+// torch.backends.mkldnn enabled (the switch that also moves eager's convolutions off oneDNN);
+// kNone without both.
+enum class Isa { kNone, kAvx512Bf16, kAmxBf16 };
+Isa isa();
+
+// Whether these GEMMs run here with a reduction of length `k`: isa() is not kNone, and k is
+// even. The ukernel multiplies bf16 in pairs along k; on torch 2.14.1 an odd k makes its
+// generated code raise SIGILL on AMX, so odd reductions keep the fp32 path.
 bool available();
 bool usable(int64_t k);
 
@@ -51,12 +59,12 @@ void gemm(const c10::BFloat16* a, int64_t m, int64_t lda, const PackedB& b, floa
 void transpose(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld_src,
                c10::BFloat16* dst, int64_t ld_dst);
 
-// The element loops around these GEMMs, in AVX-512 (every AMX CPU has it; only these functions
-// are compiled for it, so the library still loads on any x86-64):
+// The element loops around these GEMMs, in AVX-512 (every CPU with AMX or AVX512-BF16 has it;
+// only these functions are compiled for it, so the library still loads on any x86-64):
 //   widen_add:     dst[i] = bias[i] + float(src[i]), or float(src[i]) when bias is null;
 //   round_to_bf16: dst[i] = src[i] rounded to nearest even, NaN to 0x7fc0: c10::BFloat16(float).
 // Compiled for the SSE2 baseline they ran at about a third of the GEMM's time on the AMX Xeon.
 void widen_add(const c10::BFloat16* src, const float* bias, float* dst, int64_t n);
 void round_to_bf16(const float* src, c10::BFloat16* dst, int64_t n);
 
-}  // namespace fpn_kernels::amx
+}  // namespace fpn_kernels::bf16_gemm

@@ -1,8 +1,9 @@
-"""The cpu backend's bfloat16 GEMMs on AMX tiles (csrc/cpu/amx_gemm.h): on exactly the machines
-that have AMX-BF16 with oneDNN enabled, right against eager, and the same as the fp32 fallback
-that every other machine runs (``mkldnn_enabled(False)`` selects it here).
+"""The cpu backend's bfloat16 GEMMs on oneDNN's brgemm (csrc/cpu/bf16_gemm.h): on AMX tiles
+exactly where the CPU has AMX-BF16, with AVX512-BF16 where it has that but no AMX, with oneDNN
+enabled; right against eager, and the same as the fp32 fallback that every other machine runs
+(``mkldnn_enabled(False)`` selects it here).
 
-Where the CPU has no AMX the AMX-path tests skip and say so; the fallback tests still run."""
+Where the CPU has neither, the brgemm-path tests skip and say so; the fallback tests still run."""
 
 from __future__ import annotations
 
@@ -17,16 +18,31 @@ pytestmark = pytest.mark.skipif("cpu" not in fused_backends("cpu"),
                                 reason="the cpu backend is not built")
 
 
-def cpu_has_amx_bf16() -> bool:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
     except OSError:
-        return False
+        return set()
 
 
-def amx_gemm() -> bool:
-    return bool(torch.ops.fpn_kernels.cpu_amx_bf16_gemm())
+def expected_isa() -> str:
+    """What the brgemm path should run on, read from the CPU's flags (not from the extension)."""
+    flags = cpu_flags()
+    if not torch.backends.mkldnn.is_available():
+        return ""
+    if "amx_bf16" in flags:
+        return "amx_bf16"
+    return "avx512_bf16" if "avx512_bf16" in flags else ""
+
+
+def bf16_gemm_isa() -> str:
+    return str(torch.ops.fpn_kernels.cpu_bf16_gemm_isa())
+
+
+def brgemm() -> bool:
+    return bf16_gemm_isa() != ""
 
 
 def mkldnn_enabled(enabled: bool):
@@ -35,27 +51,31 @@ def mkldnn_enabled(enabled: bool):
     return torch_switch(torch.backends.mkldnn, "enabled", enabled)
 
 
-needs_amx = pytest.mark.skipif(not cpu_has_amx_bf16(), reason="this CPU has no AMX-BF16")
+needs_brgemm = pytest.mark.skipif(not brgemm(), reason="this CPU has no AMX-BF16 or AVX512-BF16")
 
 
-def test_amx_path_is_on_exactly_where_the_cpu_has_it():
-    assert amx_gemm() == (cpu_has_amx_bf16() and torch.backends.mkldnn.is_available())
+def test_brgemm_path_is_on_exactly_where_the_cpu_has_it():
+    assert bf16_gemm_isa() == expected_isa()
     with mkldnn_enabled(False):
-        assert not amx_gemm()
+        assert bf16_gemm_isa() == ""
+    assert bf16_gemm_isa() == expected_isa()  # a disabled first call is not cached
 
 
 def test_backend_report_says_how_bfloat16_multiplies():
     report = fpn_kernels.backend_report()
     assert f"float32 GEMMs via at::mm (MKL, {torch.backends.cpu.get_cpu_capability()}" in report
-    if amx_gemm():
-        assert "bfloat16 GEMMs on AMX tiles" in report
-    else:
-        assert "bfloat16 GEMMs as float32" in report
+    want = {"amx_bf16": "bfloat16 GEMMs on AMX tiles via oneDNN's brgemm",
+            "avx512_bf16": "bfloat16 GEMMs on AVX512-BF16 (VDPBF16PS) via oneDNN's brgemm",
+            "": "bfloat16 GEMMs as float32"}[bf16_gemm_isa()]
+    assert want in report
+    with mkldnn_enabled(False):
+        assert "bfloat16 GEMMs as float32: torch.backends.mkldnn is disabled" in (
+            fpn_kernels.backend_report())
 
 
 # (n, c_in, c_out, out_hw, top_hw): R50-FPN channel counts at small sizes; tails in every
 # blocked dimension (C_out 72 = 64 + 8 columns, 33-pixel rows, several 1024-pixel tiles); odd
-# reductions, which the AMX path leaves to the fp32 GEMM (odd C_in: forward; odd C_out:
+# reductions, which the brgemm path leaves to the fp32 GEMM (odd C_in: forward; odd C_out:
 # grad_lateral).
 CASES = {
     "r50_p4_channels": (1, 1024, 256, (13, 76), (7, 38)),
@@ -78,11 +98,11 @@ def run_case(case: str, channels_last: bool):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("amx", [pytest.param(True, marks=needs_amx), False],
-                         ids=["amx", "fp32-gemm"])
-def test_bfloat16_matches_eager(case, channels_last, amx):
-    with mkldnn_enabled(amx):
-        assert amx_gemm() == amx
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_brgemm), False],
+                         ids=["brgemm", "fp32-gemm"])
+def test_bfloat16_matches_eager(case, channels_last, native):
+    with mkldnn_enabled(native):
+        assert brgemm() == native
         inputs, grad_out, (out, grads) = run_case(case, channels_last)
     want_out, want_grads = forward_backward(eager_gather, inputs, grad_out)
     assert_matches(out, want_out, msg="forward")
@@ -92,15 +112,15 @@ def test_bfloat16_matches_eager(case, channels_last, amx):
         assert_matches(grad, want_grads[name], scale=scales[name], msg=f"grad_{name}")
 
 
-@needs_amx
+@needs_brgemm
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_amx_and_fp32_gemm_agree_to_the_rounding(channels_last):
+def test_brgemm_and_fp32_gemm_agree_to_the_rounding(channels_last):
     """Both accumulate exact bf16 products in fp32 and round once; only the order of the fp32
     sums differs, so outputs differ by at most one bf16 ulp, and rarely."""
     results = {}
-    for amx in (True, False):
-        with mkldnn_enabled(amx):
-            _, _, results[amx] = run_case("r50_p2_channels", channels_last)
+    for native in (True, False):
+        with mkldnn_enabled(native):
+            _, _, results[native] = run_case("r50_p2_channels", channels_last)
     pairs = [("out", results[True][0], results[False][0])]
     pairs += [(f"grad_{name}", results[True][1][name], results[False][1][name])
               for name in ("lateral", "weight")]
@@ -110,10 +130,10 @@ def test_amx_and_fp32_gemm_agree_to_the_rounding(channels_last):
         assert (fast != slow).float().mean() < 0.01, name
 
 
-@needs_amx
+@needs_brgemm
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", ["tails", "r50_p2_channels"])
-def test_amx_bits_do_not_depend_on_thread_count(case, channels_last):
+def test_brgemm_bits_do_not_depend_on_thread_count(case, channels_last):
     """"tails" has 2145 pixels per image: grad_weight's 1024-pixel chunks end in an odd
     97-pixel chunk, whose last pixel goes to the fp32 rank-1 update."""
     before = torch.get_num_threads()
@@ -129,14 +149,15 @@ def test_amx_bits_do_not_depend_on_thread_count(case, channels_last):
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
-@needs_amx
+@needs_brgemm
 @pytest.mark.parametrize("case", ["tails", "odd_c_out", "r50_p2_channels"])
-def test_amx_grad_weight_has_the_same_bits_in_both_layouts(case):
-    """channels_last grad_weight transposes grad_out (amx::transpose: 16-row gathers, masked
-    row tails, an odd last channel) to the operand NCHW reads in place, and packs lateral to the
-    block NCHW packs from its transpose: the same GEMMs, so the same bits, unless a transpose
-    or a pack puts an element in the wrong place. grad_bias sums the same interleaved lanes in
-    both layouts."""
+def test_brgemm_grad_weight_has_the_same_bits_in_both_layouts(case):
+    """channels_last grad_weight transposes grad_out (bf16_gemm::transpose: 16 x 16 word
+    transposes in registers, masked row tails, an odd last channel) to the operand NCHW reads
+    in place, and packs lateral (cpublas::pack on AMX, its own interleave without AMX; column
+    tails of 48 and 8) to the block NCHW packs from its transpose: the same GEMMs, so the same
+    bits, unless a transpose or a pack puts an element in the wrong place. grad_bias sums the
+    same interleaved lanes in both layouts."""
     grads = {}
     for channels_last in (False, True):
         _, _, (_, grads[channels_last]) = run_case(case, channels_last)
