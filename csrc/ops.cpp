@@ -24,4 +24,7 @@ TORCH_LIBRARY(fpn_kernels, m) {
   // Which ISA the CPU kernels' bfloat16 GEMMs run on here (csrc/cpu/bf16_gemm.cpp): "amx_bf16",
   // "avx512_bf16", or "" where they multiply fp32 copies through MKL.
   m.def("cpu_bf16_gemm_isa() -> str");
+  // Whether the CPU kernels' float32 channels_last GEMMs run on oneDNN's brgemm here
+  // (csrc/cpu/f32_gemm.cpp) rather than MKL.
+  m.def("cpu_f32_brgemm() -> bool");
 }

@@ -62,9 +62,13 @@ def details() -> str:
     if threads < wanted:
         text += " (built without OpenMP: the kernels' tiles run one after another)"
     # float32 (and float64) tiles go through at::mm, i.e. MKL's sgemm, which picks its own
-    # kernel by ISA; torch's dispatch level says which ISA this CPU offers it.
-    text += (f"; float32 GEMMs via at::mm (MKL, {torch.backends.cpu.get_cpu_capability()} "
-             "on this CPU)")
+    # kernel by ISA; torch's dispatch level says which ISA this CPU offers it. channels_last
+    # float32 tiles take oneDNN's brgemm instead on AVX-512 CPUs (csrc/cpu/f32_gemm.h).
+    mkl = f"at::mm (MKL, {torch.backends.cpu.get_cpu_capability()} on this CPU)"
+    if torch.ops.fpn_kernels.cpu_f32_brgemm():
+        text += f"; float32 GEMMs via oneDNN's brgemm (channels_last) and {mkl} (NCHW)"
+    else:
+        text += f"; float32 GEMMs via {mkl}"
     isa = _bf16_gemm_isa()
     if isa:
         text += f"; bfloat16 GEMMs on {BF16_GEMM_NAMES.get(isa, isa)} via oneDNN's brgemm"

@@ -40,6 +40,7 @@
 
 #include "common/op_args.h"
 #include "cpu/bf16_gemm.h"
+#include "cpu/f32_gemm.h"
 #include "cpu/output_cache.h"
 
 namespace fpn_kernels {
@@ -183,9 +184,10 @@ struct AccTile {
 // tile's layout; c is the tile's sum (accumulation precision, row stride ldc):
 //   NCHW:          c (F rows x np) [+]= F (F rows x K) @ tile (K x np);
 //   channels_last: c (np x F cols) [+]= tile (np x K) @ F (K x F cols).
-// bfloat16 runs on oneDNN's brgemm where bf16_gemm::usable says so (F is packed once per call,
-// an NCHW tile once per task); everything else goes through matmul (MKL), half/bfloat16 as
-// fp32 copies.
+// On oneDNN's brgemm: bfloat16 where bf16_gemm::usable says so (F is packed once per call, an
+// NCHW tile once per task), float32 channels_last tiles where f32_gemm::available (F read in
+// place, a contiguous copy of a transposed view once per call); everything else goes through
+// matmul (MKL), half/bfloat16 as fp32 copies.
 template <typename scalar_t>
 class TileGemm {
  public:
@@ -195,6 +197,22 @@ class TileGemm {
         f_rows_(fixed.size(0)),
         f_cols_(fixed.size(1)) {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) use_brgemm_ = bf16_gemm::usable(k_);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      use_brgemm_ = channels_last && k_ > 0 && f32_gemm::available();
+      if (use_brgemm_) {
+        // B, K x F cols row-major: the weight in place (grad_lateral); its transpose (forward)
+        // copied into f32_b_, outside ATen's allocator, so the call's only allocation in
+        // torch's memory profile stays its output.
+        if (fixed.is_contiguous()) {
+          f32_b_data_ = fixed.const_data_ptr<float>();
+        } else {
+          f32_b_.resize(k_ * f_cols_);
+          view2d(f32_b_.data(), k_, f_cols_, f_cols_, 1).copy_(fixed);
+          f32_b_data_ = f32_b_.data();
+        }
+        return;
+      }
+    }
     if (!use_brgemm_) {
       fixed_acc_ = as_acc(fixed);  // a view for float/double, an fp32 copy for half/bfloat16
       return;
@@ -230,6 +248,13 @@ class TileGemm {
         return;
       }
     }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (use_brgemm_) {
+        f32_gemm::gemm(tile.data, np, k_, tile.ld, f32_b_data_, f_cols_, f_cols_, c, ldc,
+                       accumulate);
+        return;
+      }
+    }
     if (channels_last_) {
       at::Tensor c_view = view2d(c, np, f_cols_, ldc, 1);
       matmul(c_view, as_acc(view2d(tile.data, np, k_, tile.ld, 1)), fixed_acc_, accumulate);
@@ -246,6 +271,8 @@ class TileGemm {
   at::Tensor fixed_acc_;             // MKL path: F in accumulation precision
   at::Tensor fixed_;                 // brgemm path, NCHW: F contiguous (bf16)
   bf16_gemm::PackedB packed_fixed_;  // brgemm path, channels_last: F packed
+  std::vector<float> f32_b_;          // float32 brgemm path: F copied row-major, or empty
+  const float* f32_b_data_ = nullptr;  // ... and where F is read
 };
 
 // Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.

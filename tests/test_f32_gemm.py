@@ -1,0 +1,103 @@
+"""The cpu backend's float32 channels_last GEMMs on oneDNN's brgemm (csrc/cpu/f32_gemm.h): on
+exactly the CPUs with AVX-512 but no AMX, with oneDNN enabled; right against eager in both
+passes (forward and grad_lateral tiles take it), close to the MKL path every other machine runs
+(``mkldnn_enabled(False)`` selects it here), and of fixed bits whatever the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _differential import assert_matches, eager_gather, forward_backward, gradient_scales, op
+from conftest import fused_backends, make_inputs
+from test_bf16_gemm import cpu_flags, mkldnn_enabled
+
+import fpn_kernels
+
+pytestmark = pytest.mark.skipif("cpu" not in fused_backends("cpu"),
+                                reason="the cpu backend is not built")
+
+
+def f32_brgemm() -> bool:
+    return bool(torch.ops.fpn_kernels.cpu_f32_brgemm())
+
+
+needs_brgemm = pytest.mark.skipif(not f32_brgemm(),
+                                  reason="this CPU has no AVX-512, or has AMX (MKL runs there)")
+
+
+def test_brgemm_path_is_on_exactly_where_the_cpu_has_avx512_but_no_amx():
+    flags = cpu_flags()
+    want = ("avx512f" in flags and "amx_bf16" not in flags
+            and torch.backends.mkldnn.is_available())
+    assert f32_brgemm() == want
+    with mkldnn_enabled(False):
+        assert not f32_brgemm()
+        assert "float32 GEMMs via at::mm (MKL" in fpn_kernels.backend_report()
+    if want:
+        assert "float32 GEMMs via oneDNN's brgemm (channels_last)" in (
+            fpn_kernels.backend_report())
+
+
+# (n, c_in, c_out, out_hw, top_hw): R50 channel counts at small sizes, and tails in every block
+# of the ukernel calls (64-row blocks of pixels, 128-column blocks of C_out / C_in: 200 = 128
+# + 72, 2145 pixels per image), C_in 2 (k = 2).
+CASES = {
+    "r50_p4_channels": (1, 1024, 256, (13, 76), (7, 38)),
+    "tails": (2, 48, 200, (33, 65), (17, 33)),
+    "wide_c_in": (1, 300, 72, (9, 20), (5, 10)),
+    "c_in_2": (1, 2, 3, (4, 4), (2, 2)),
+}
+
+
+def run_case(case: str):
+    n, c_in, c_out, out_hw, top_hw = CASES[case]
+    inputs = make_inputs(n, c_in, c_out, out_hw, top_hw, channels_last=True,
+                         requires_grad=True)
+    grad_out = torch.randn(n, c_out, *out_hw, generator=torch.Generator().manual_seed(3))
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    return inputs, grad_out, forward_backward(op("cpu"), inputs, grad_out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_brgemm), False],
+                         ids=["brgemm", "mkl"])
+def test_float32_channels_last_matches_eager(case, native):
+    with mkldnn_enabled(native):
+        assert f32_brgemm() == native
+        inputs, grad_out, (out, grads) = run_case(case)
+        want_out, want_grads = forward_backward(eager_gather, inputs, grad_out)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(out, want_out, msg="forward")
+    n, _, c_out, out_hw, top_hw = CASES[case]
+    scales = gradient_scales(c_out, n, out_hw, top_hw)
+    for name, grad in grads.items():
+        assert_matches(grad, want_grads[name], scale=scales[name], msg=f"grad_{name}")
+
+
+@needs_brgemm
+def test_brgemm_and_mkl_agree_to_float32_rounding():
+    results = {}
+    for native in (True, False):
+        with mkldnn_enabled(native):
+            _, _, results[native] = run_case("r50_p4_channels")
+    (out, grads), (mkl_out, mkl_grads) = results[True], results[False]
+    # Same products, other summation orders over k = 1024 (forward) / 256 (grad_lateral).
+    torch.testing.assert_close(out, mkl_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["lateral"], mkl_grads["lateral"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads["weight"], mkl_grads["weight"])  # grad_weight stays on MKL
+
+
+@needs_brgemm
+@pytest.mark.parametrize("case", ["tails", "r50_p4_channels"])
+def test_brgemm_bits_do_not_depend_on_thread_count(case):
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            _, _, (out, grads) = run_case(case)
+            runs.append({"out": out, **grads})
+    finally:
+        torch.set_num_threads(before)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
