@@ -20,8 +20,19 @@ def unavailable_reason() -> str | None:
 # channels_last P4 2.6x, P3 2.3x slower; P2 (C_in 256) 1.5x / 1.2x faster, so it stays on this
 # kernel. Since 2026-12-04 this kernel's bf16 GEMMs run on oneDNN's brgemm with AVX512-BF16 on
 # that CPU too (as on AMX since 2026-12-03), and the rule leaves nothing to eager there.
-# An explicit backend="cpu" still runs them. The rule reads the ISA, never a timing.
+#
+# It also leaves float32 channels_last merges with C_in >= 1024 (R50's P4: few pixels, the
+# longest reduction) to eager on CPUs with AVX-512 but no AMX (Zen 4), where this kernel's fp32
+# channels_last GEMMs run the same oneDNN ukernel as eager's convolution
+# (csrc/cpu/f32_gemm.h) and still lose the forward: in the Zen 4 EPYC matrix of 2026-12-04
+# (benchmarks/results/bench-cpu-zen4-matrix.json) cpu 24.2 ms against 22.0 for the eager backend
+# (what "auto" runs instead), a tie forward+backward (70.7 / 70.6), and 0.93x / 0.96x eager in
+# two interleaved forward runs of their own; P3 (C_in 512) is 1.5x faster there and stays fused.
+# bfloat16 channels_last P4 ties there (10.5 / 10.5 ms forward; forward+backward the kernel 11%
+# faster) and stays fused; on the AMX Xeon this kernel's fp32 P4 was 1.03x eager and stays too.
+# An explicit backend="cpu" still runs them. The rules read the ISA, never a timing.
 GEMM_BOUND_C_IN = 512
+F32_CHANNELS_LAST_EAGER_C_IN = 1024
 
 BF16_GEMM_NAMES = {"amx_bf16": "AMX tiles", "avx512_bf16": "AVX512-BF16 (VDPBF16PS)"}
 
@@ -37,12 +48,23 @@ def _has_avx512_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
+def _f32_brgemm() -> bool:
+    """Whether the kernels' fp32 channels_last GEMMs run on oneDNN's brgemm now (AVX-512 without
+    AMX, oneDNN on): the Zen 4 kind of CPU."""
+    return bool(torch.ops.fpn_kernels.cpu_f32_brgemm())
+
+
 def auto_declines(dtype: torch.dtype, channels_last: bool, c_in: int | None) -> str | None:
     """Why ``backend="auto"`` should not pick this kernel for these inputs, or None."""
-    if dtype != torch.bfloat16 or c_in is None or c_in < GEMM_BOUND_C_IN:
+    if c_in is None or not torch.backends.mkldnn.enabled:
+        return None  # unknown channels; or eager's conv is ATen's slow fallback: this kernel wins
+    if (dtype == torch.float32 and channels_last and c_in >= F32_CHANNELS_LAST_EAGER_C_IN
+            and _f32_brgemm()):
+        return (f"float32 channels_last with C_in >= {F32_CHANNELS_LAST_EAGER_C_IN} on a CPU "
+                "with AVX-512 but no AMX: eager's oneDNN convolution runs the same GEMM there "
+                "and is faster")
+    if dtype != torch.bfloat16 or c_in < GEMM_BOUND_C_IN:
         return None
-    if not torch.backends.mkldnn.enabled:
-        return None  # eager's bf16 conv is then ATen's slow fallback: this kernel wins
     if _bf16_gemm_isa():
         return None  # this kernel's GEMMs are native bf16 too
     if _has_avx512_bf16():
@@ -79,6 +101,10 @@ def details() -> str:
     if auto_declines(torch.bfloat16, False, GEMM_BOUND_C_IN) is not None:
         text += (f"; backend='auto' leaves bfloat16 merges with C_in >= {GEMM_BOUND_C_IN} "
                  "(any layout) to eager's oneDNN convolution, which is faster there")
+    if auto_declines(torch.float32, True, F32_CHANNELS_LAST_EAGER_C_IN) is not None:
+        text += (f"; backend='auto' leaves float32 channels_last merges with C_in >= "
+                 f"{F32_CHANNELS_LAST_EAGER_C_IN} to eager's oneDNN convolution, which is faster "
+                 "there")
     return text
 
 
