@@ -24,10 +24,12 @@ def unavailable_reason() -> str | None:
 # It also leaves float32 channels_last merges with C_in >= 1024 (R50's P4: few pixels, the
 # longest reduction) to eager on CPUs with AVX-512 but no AMX (Zen 4), where this kernel's fp32
 # channels_last GEMMs run the same oneDNN ukernel as eager's convolution
-# (csrc/cpu/f32_gemm.h) and still lose the forward: in the Zen 4 EPYC matrix of 2026-12-04
-# (benchmarks/results/bench-cpu-zen4-matrix.json) cpu 24.2 ms against 22.0 for the eager backend
-# (what "auto" runs instead), a tie forward+backward (70.7 / 70.6), and 0.93x / 0.96x eager in
-# two interleaved forward runs of their own; P3 (C_in 512) is 1.5x faster there and stays fused.
+# (csrc/cpu/f32_gemm.h) and still lose: in two full-matrix runs on a Zen 4 EPYC (2026-12-04,
+# the second is benchmarks/results/bench-cpu-zen4-matrix.json) cpu 24.2 / 21.4 ms forward
+# against 22.0 / 21.3 for the eager backend (what "auto" runs instead), 70.7 / 87.0 against
+# 70.6 / 81.4 forward+backward, and 0.93x / 0.96x eager in two interleaved forward runs of their
+# own; P3 (C_in 512) is 1.2-1.6x faster there and stays fused. (The fp32-copy bf16 numbers
+# above: benchmarks/results/bench-cpu-zen4-matrix-fwd.json.)
 # bfloat16 channels_last P4 ties there (10.5 / 10.5 ms forward; forward+backward the kernel 11%
 # faster) and stays fused; on the AMX Xeon this kernel's fp32 P4 was 1.03x eager and stays too.
 # An explicit backend="cpu" still runs them. The rules read the ISA, never a timing.

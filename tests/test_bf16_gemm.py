@@ -87,13 +87,48 @@ CASES = {
 }
 
 
-def run_case(case: str, channels_last: bool):
-    n, c_in, c_out, out_hw, top_hw = CASES[case]
-    inputs = make_inputs(n, c_in, c_out, out_hw, top_hw, dtype=torch.bfloat16,
+def run_shape(shape, channels_last: bool, dtype: torch.dtype, grad_channels_last: bool = False):
+    """Inputs of ``shape`` (n, c_in, c_out, out_hw, top_hw), a grad_out, and the cpu backend's
+    (out, grads) for them."""
+    n, c_in, c_out, out_hw, top_hw = shape
+    inputs = make_inputs(n, c_in, c_out, out_hw, top_hw, dtype=dtype,
                          channels_last=channels_last, requires_grad=True)
     grad_out = torch.randn(n, c_out, *out_hw, generator=torch.Generator().manual_seed(3))
-    grad_out = grad_out.to(torch.bfloat16)
+    grad_out = grad_out.to(dtype)
+    if grad_channels_last:
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     return inputs, grad_out, forward_backward(op("cpu"), inputs, grad_out)
+
+
+def assert_run_matches_eager(shape, inputs, grad_out, result) -> None:
+    """A run_shape result against eager's output and gradients, at the per-dtype tolerances
+    (gradients scaled by their reduction lengths)."""
+    out, grads = result
+    want_out, want_grads = forward_backward(eager_gather, inputs, grad_out)
+    assert_matches(out, want_out, msg="forward")
+    n, _, c_out, out_hw, top_hw = shape
+    scales = gradient_scales(c_out, n, out_hw, top_hw)
+    for name, grad in grads.items():
+        assert_matches(grad, want_grads[name], scale=scales[name], msg=f"grad_{name}")
+
+
+def run_case(case: str, channels_last: bool):
+    return run_shape(CASES[case], channels_last, torch.bfloat16)
+
+
+def assert_same_bits_on_1_and_2_threads(run) -> None:
+    """``run()`` -> (out, grads) gives the same bits with 1 and 2 intra-op threads."""
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, grads = run()
+            runs.append({"out": out, **grads})
+    finally:
+        torch.set_num_threads(before)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -103,13 +138,8 @@ def run_case(case: str, channels_last: bool):
 def test_bfloat16_matches_eager(case, channels_last, native):
     with mkldnn_enabled(native):
         assert brgemm() == native
-        inputs, grad_out, (out, grads) = run_case(case, channels_last)
-    want_out, want_grads = forward_backward(eager_gather, inputs, grad_out)
-    assert_matches(out, want_out, msg="forward")
-    n, _, c_out, out_hw, top_hw = CASES[case]
-    scales = gradient_scales(c_out, n, out_hw, top_hw)
-    for name, grad in grads.items():
-        assert_matches(grad, want_grads[name], scale=scales[name], msg=f"grad_{name}")
+        result = run_case(case, channels_last)
+    assert_run_matches_eager(CASES[case], *result)
 
 
 @needs_brgemm
@@ -136,17 +166,7 @@ def test_brgemm_and_fp32_gemm_agree_to_the_rounding(channels_last):
 def test_brgemm_bits_do_not_depend_on_thread_count(case, channels_last):
     """"tails" has 2145 pixels per image: grad_weight's 1024-pixel chunks end in an odd
     97-pixel chunk, whose last pixel goes to the fp32 rank-1 update."""
-    before = torch.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            _, _, (out, grads) = run_case(case, channels_last)
-            runs.append({"out": out, **grads})
-    finally:
-        torch.set_num_threads(before)
-    for name in runs[0]:
-        assert torch.equal(runs[0][name], runs[1][name]), name
+    assert_same_bits_on_1_and_2_threads(lambda: run_case(case, channels_last)[2])
 
 
 @needs_brgemm

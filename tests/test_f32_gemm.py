@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _differential import assert_matches, eager_gather, forward_backward, gradient_scales, op
-from conftest import fused_backends, make_inputs
-from test_bf16_gemm import cpu_flags, mkldnn_enabled
+from conftest import fused_backends
+from test_bf16_gemm import (
+    assert_run_matches_eager,
+    assert_same_bits_on_1_and_2_threads,
+    cpu_flags,
+    mkldnn_enabled,
+    run_shape,
+)
 
 import fpn_kernels
 
@@ -50,12 +55,7 @@ CASES = {
 
 
 def run_case(case: str):
-    n, c_in, c_out, out_hw, top_hw = CASES[case]
-    inputs = make_inputs(n, c_in, c_out, out_hw, top_hw, channels_last=True,
-                         requires_grad=True)
-    grad_out = torch.randn(n, c_out, *out_hw, generator=torch.Generator().manual_seed(3))
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    return inputs, grad_out, forward_backward(op("cpu"), inputs, grad_out)
+    return run_shape(CASES[case], True, torch.float32, grad_channels_last=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -65,13 +65,9 @@ def test_float32_channels_last_matches_eager(case, native):
     with mkldnn_enabled(native):
         assert f32_brgemm() == native
         inputs, grad_out, (out, grads) = run_case(case)
-        want_out, want_grads = forward_backward(eager_gather, inputs, grad_out)
+        # eager's fp32 conv leaves oneDNN too without mkldnn: the oracle under the same switch
+        assert_run_matches_eager(CASES[case], inputs, grad_out, (out, grads))
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_matches(out, want_out, msg="forward")
-    n, _, c_out, out_hw, top_hw = CASES[case]
-    scales = gradient_scales(c_out, n, out_hw, top_hw)
-    for name, grad in grads.items():
-        assert_matches(grad, want_grads[name], scale=scales[name], msg=f"grad_{name}")
 
 
 @needs_brgemm
@@ -90,14 +86,4 @@ def test_brgemm_and_mkl_agree_to_float32_rounding():
 @needs_brgemm
 @pytest.mark.parametrize("case", ["tails", "r50_p4_channels"])
 def test_brgemm_bits_do_not_depend_on_thread_count(case):
-    before = torch.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            _, _, (out, grads) = run_case(case)
-            runs.append({"out": out, **grads})
-    finally:
-        torch.set_num_threads(before)
-    for name in runs[0]:
-        assert torch.equal(runs[0][name], runs[1][name]), name
+    assert_same_bits_on_1_and_2_threads(lambda: run_case(case)[2])
