@@ -1,5 +1,7 @@
 #include "cpu/bf16_gemm.h"
 
+#include "cpu/avx512_transpose.h"
+
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -259,34 +261,13 @@ void transpose_columns(const uint16_t* in, int64_t rows, int64_t c0, int64_t c1,
     const __mmask16 row_lanes = lanes_from(r0, rows);
     for (int64_t c = c0; c < c1; c += 32) {
       const int64_t cols = std::min<int64_t>(32, c1 - c);
-      __m512i v[16], t[16];
+      __m512i v[16];
       for (int64_t r = 0; r < 16; ++r) {
         v[r] = r < block_rows
                    ? _mm512_maskz_loadu_epi16(first_words(cols), in + (r0 + r) * ld_in + c)
                    : _mm512_setzero_si512();
       }
-      // Per 128-bit lane L (pairs 4L..4L+3): t[4i + m] holds pair 4L + m of rows 4i..4i+3.
-      for (int i = 0; i < 4; ++i) {
-        const __m512i a0 = _mm512_unpacklo_epi32(v[4 * i], v[4 * i + 1]);
-        const __m512i a1 = _mm512_unpackhi_epi32(v[4 * i], v[4 * i + 1]);
-        const __m512i a2 = _mm512_unpacklo_epi32(v[4 * i + 2], v[4 * i + 3]);
-        const __m512i a3 = _mm512_unpackhi_epi32(v[4 * i + 2], v[4 * i + 3]);
-        t[4 * i] = _mm512_unpacklo_epi64(a0, a2);
-        t[4 * i + 1] = _mm512_unpackhi_epi64(a0, a2);
-        t[4 * i + 2] = _mm512_unpacklo_epi64(a1, a3);
-        t[4 * i + 3] = _mm512_unpackhi_epi64(a1, a3);
-      }
-      // v[4L + m] = lane L of t[m], t[4 + m], t[8 + m], t[12 + m]: pair 4L + m of all 16 rows.
-      for (int m = 0; m < 4; ++m) {
-        const __m512i lo01 = _mm512_shuffle_i32x4(t[m], t[4 + m], 0x44);
-        const __m512i hi01 = _mm512_shuffle_i32x4(t[m], t[4 + m], 0xee);
-        const __m512i lo23 = _mm512_shuffle_i32x4(t[8 + m], t[12 + m], 0x44);
-        const __m512i hi23 = _mm512_shuffle_i32x4(t[8 + m], t[12 + m], 0xee);
-        v[m] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
-        v[4 + m] = _mm512_shuffle_i32x4(lo01, lo23, 0xdd);
-        v[8 + m] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
-        v[12 + m] = _mm512_shuffle_i32x4(hi01, hi23, 0xdd);
-      }
+      avx512::transpose16x16_words(v);  // v[j]: pair j of the 16 rows
       for (int64_t j = 0; 2 * j < cols; ++j) {
         uint16_t* even_row = out + (c + 2 * j) * ld_out + r0;
         _mm256_mask_storeu_epi16(even_row, row_lanes, _mm512_cvtepi32_epi16(v[j]));

@@ -1,12 +1,13 @@
-// float32 tile GEMMs of the channels_last kernels on oneDNN's brgemm ukernel
-// (at::native::cpublas::brgemm, f32 x f32 -> f32: the microkernel of the brgconv that eager's
-// channels_last 1x1 convolution runs), on CPUs with AVX-512 but no AMX (Zen 4), where MKL's
-// sgemm runs ~15% below it. Measured against MKL through at::mm on the same tiles, interleaved
-// in one process (R50 levels, N = 2, 11 calls each, medians), channels_last forward /
-// grad_lateral, Zen 4 EPYC (2026-12-04): P4 21.9 -> 20.0 / 23.3 -> 20.4 ms, P3 47.6 -> 40.7 /
-// 46.7 -> 40.2, P2 95.3 -> 84.5 / 97.2 -> 80.3. On the Sapphire Rapids Xeon (AMX) the same
-// ukernel was no faster than MKL (P4 forward 22.0-25.3 against 22.6-24.0 ms, backward 51.7-52.1
-// against 47.9-48.0; 2026-12-03), so CPUs with AMX keep MKL.
+// float32 GEMMs of the channels_last kernels (forward and grad_lateral tiles, grad_weight
+// panels) on oneDNN's brgemm ukernel (at::native::cpublas::brgemm, f32 x f32 -> f32: the
+// microkernel of the brgconv that eager's channels_last 1x1 convolution runs), on CPUs with
+// AVX-512 but no AMX (Zen 4), where MKL's sgemm runs ~15% below it. Measured against MKL
+// through at::mm on the same tiles, interleaved in one process (R50 levels, N = 2, 11 calls
+// each, medians), channels_last forward / grad_lateral, Zen 4 EPYC (2026-12-04): P4 21.9 ->
+// 20.0 / 23.3 -> 20.4 ms, P3 47.6 -> 40.7 / 46.7 -> 40.2, P2 95.3 -> 84.5 / 97.2 -> 80.3
+// (grad_weight: at grad_weight_kernel_f32_brgemm). On the Sapphire Rapids Xeon (AMX) the same
+// ukernel was no faster than MKL (P4 forward 22.0-25.3 against 22.6-24.0 ms, backward
+// 51.7-52.1 against 47.9-48.0; 2026-12-03), so CPUs with AMX keep MKL.
 // NCHW tiles stay on MKL: their B operand is the tile itself, K rows a whole image plane
 // apart, which the ukernel read at half MKL's speed on the Sapphire Rapids Xeon.
 #pragma once
@@ -24,5 +25,11 @@ bool available();
 // shapes alone.
 void gemm(const float* a, int64_t m, int64_t k, int64_t lda, const float* b, int64_t n,
           int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// dst (cols x rows, row stride ld_dst) = src^T, src (rows x cols, row stride ld_src), fp32;
+// single-threaded. The channels_last grad_weight's A operand (grad_out^T: pixels along the
+// reduction). Only where available().
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst,
+               int64_t ld_dst);
 
 }  // namespace fpn_kernels::f32_gemm

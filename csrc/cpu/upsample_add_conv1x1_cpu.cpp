@@ -579,6 +579,36 @@ void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
   }
 }
 
+// grad_weight (below) for float32 channels_last on oneDNN's fp32 brgemm (f32_gemm), the way
+// oneDNN's own backward-weights splits it: a task per block of kGradWeightRows grad_weight rows
+// (C_out) owns the whole pixel reduction for them, panel by panel of kGradWeightPanel pixels,
+// in pixel order: A is the panel's grad_out^T (rows, panel) transposed into thread-local memory
+// (pixels are the reduction, so they must be A's contiguous axis), B the panel's lateral
+// (panel, C_in) read in place. No barrier per chunk and no shared output; each element's sum
+// (panels in order, the ukernel's fixed order inside one) does not depend on the thread count.
+// Measured on the Zen 4 EPYC (2026-12-04, interleaved, 9 calls each, grad_weight alone) against
+// MKL per 1024-pixel chunk: P4 25.7 -> 22.5 ms, P3 57.5 -> 50.5, P2 121.9 -> 102.1 (eager's
+// oneDNN 24.5, 46.9, 101.2); 64-row blocks and 512-pixel panels were 3-12% slower.
+constexpr int64_t kGradWeightRows = 128;
+constexpr int64_t kGradWeightPanel = 256;
+
+void grad_weight_kernel_f32_brgemm(const Shape& s, const float* grad_out, const float* lateral,
+                                   at::Tensor& weight_acc) {
+  const int64_t pixels = s.n * s.pixels();  // channels_last: the images' pixels, one run
+  float* acc = weight_acc.mutable_data_ptr<float>();
+  parallel_tasks((s.c_out + kGradWeightRows - 1) / kGradWeightRows, [&](int64_t task) {
+    const int64_t o0 = task * kGradWeightRows, rows = std::min(kGradWeightRows, s.c_out - o0);
+    thread_local std::vector<float> panel;  // outside ATen's allocator, reused by later calls
+    panel.resize(rows * kGradWeightPanel);
+    for (int64_t p0 = 0; p0 < pixels; p0 += kGradWeightPanel) {
+      const int64_t k = std::min(kGradWeightPanel, pixels - p0);
+      f32_gemm::transpose(grad_out + p0 * s.c_out + o0, k, rows, s.c_out, panel.data(), k);
+      f32_gemm::gemm(panel.data(), rows, k, k, lateral + p0 * s.c_in, s.c_in, s.c_in,
+                     acc + o0 * s.c_in, s.c_in, /*accumulate=*/true);
+    }
+  });
+}
+
 // grad_weight (C_out, C_in) = sum over pixel chunks, in order, of grad_chunk (C_out, P) @
 // lateral_chunk^T (P, C_in). Each chunk's GEMM is called from this thread and uses MKL's own
 // threads over the (C_out, C_in) output. The chunk order is fixed and small outputs take
@@ -591,6 +621,12 @@ void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (bf16_gemm::available()) {
       grad_weight_kernel_brgemm(s, grad_out, lateral, weight_acc, channels_last);
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (channels_last && f32_gemm::available()) {
+      grad_weight_kernel_f32_brgemm(s, grad_out, lateral, weight_acc);
       return;
     }
   }
