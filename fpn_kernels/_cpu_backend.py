@@ -21,20 +21,14 @@ def unavailable_reason() -> str | None:
 # kernel. Since 2026-12-04 this kernel's bf16 GEMMs run on oneDNN's brgemm with AVX512-BF16 on
 # that CPU too (as on AMX since 2026-12-03), and the rule leaves nothing to eager there.
 #
-# It also leaves float32 channels_last merges with C_in >= 1024 (R50's P4: few pixels, the
-# longest reduction) to eager on CPUs with AVX-512 but no AMX (Zen 4), where this kernel's fp32
-# channels_last GEMMs run the same oneDNN ukernel as eager's convolution
-# (csrc/cpu/f32_gemm.h) and still lose: in two full-matrix runs on a Zen 4 EPYC (2026-12-04,
-# the second is benchmarks/results/bench-cpu-zen4-matrix.json) cpu 24.2 / 21.4 ms forward
-# against 22.0 / 21.3 for the eager backend (what "auto" runs instead), 70.7 / 87.0 against
-# 70.6 / 81.4 forward+backward, and 0.93x / 0.96x eager in two interleaved forward runs of their
-# own; P3 (C_in 512) is 1.2-1.6x faster there and stays fused. (The fp32-copy bf16 numbers
-# above: benchmarks/results/bench-cpu-zen4-matrix-fwd.json.)
-# bfloat16 channels_last P4 ties there (10.5 / 10.5 ms forward; forward+backward the kernel 11%
-# faster) and stays fused; on the AMX Xeon this kernel's fp32 P4 was 1.03x eager and stays too.
-# An explicit backend="cpu" still runs them. The rules read the ISA, never a timing.
+# No float32 rule: on the Zen 4 EPYC, where this kernel's fp32 channels_last GEMMs run the same
+# oneDNN ukernel as eager's convolution (csrc/cpu/f32_gemm.h), a rule that sent channels_last
+# P4 (C_in 1024) to eager was tried on 2026-12-04 and dropped the same day: the eager backend
+# (what "auto" would run) was 9% faster forward in one full-matrix run, tied in the next, and
+# 2% slower forward and 3% slower forward+backward in a third, after fp32 grad_weight moved to
+# the brgemm (benchmarks/results/bench-cpu-zen4-matrix.json is a run with neither rule).
+# An explicit backend="cpu" still runs them. The rule reads the ISA, never a timing.
 GEMM_BOUND_C_IN = 512
-F32_CHANNELS_LAST_EAGER_C_IN = 1024
 
 BF16_GEMM_NAMES = {"amx_bf16": "AMX tiles", "avx512_bf16": "AVX512-BF16 (VDPBF16PS)"}
 
@@ -50,23 +44,12 @@ def _has_avx512_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-def _f32_brgemm() -> bool:
-    """Whether the kernels' fp32 channels_last GEMMs run on oneDNN's brgemm now (AVX-512 without
-    AMX, oneDNN on): the Zen 4 kind of CPU."""
-    return bool(torch.ops.fpn_kernels.cpu_f32_brgemm())
-
-
 def auto_declines(dtype: torch.dtype, channels_last: bool, c_in: int | None) -> str | None:
     """Why ``backend="auto"`` should not pick this kernel for these inputs, or None."""
-    if c_in is None or not torch.backends.mkldnn.enabled:
-        return None  # unknown channels; or eager's conv is ATen's slow fallback: this kernel wins
-    if (dtype == torch.float32 and channels_last and c_in >= F32_CHANNELS_LAST_EAGER_C_IN
-            and _f32_brgemm()):
-        return (f"float32 channels_last with C_in >= {F32_CHANNELS_LAST_EAGER_C_IN} on a CPU "
-                "with AVX-512 but no AMX: eager's oneDNN convolution runs the same GEMM there "
-                "and is faster")
-    if dtype != torch.bfloat16 or c_in < GEMM_BOUND_C_IN:
+    if dtype != torch.bfloat16 or c_in is None or c_in < GEMM_BOUND_C_IN:
         return None
+    if not torch.backends.mkldnn.enabled:
+        return None  # eager's bf16 conv is then ATen's slow fallback: this kernel wins
     if _bf16_gemm_isa():
         return None  # this kernel's GEMMs are native bf16 too
     if _has_avx512_bf16():
@@ -87,7 +70,8 @@ def details() -> str:
         text += " (built without OpenMP: the kernels' tiles run one after another)"
     # float32 (and float64) tiles go through at::mm, i.e. MKL's sgemm, which picks its own
     # kernel by ISA; torch's dispatch level says which ISA this CPU offers it. channels_last
-    # float32 tiles take oneDNN's brgemm instead on AVX-512 CPUs (csrc/cpu/f32_gemm.h).
+    # float32 GEMMs take oneDNN's brgemm instead on AVX-512 CPUs without AMX
+    # (csrc/cpu/f32_gemm.h).
     mkl = f"at::mm (MKL, {torch.backends.cpu.get_cpu_capability()} on this CPU)"
     if torch.ops.fpn_kernels.cpu_f32_brgemm():
         text += f"; float32 GEMMs via oneDNN's brgemm (channels_last) and {mkl} (NCHW)"
@@ -103,10 +87,6 @@ def details() -> str:
     if auto_declines(torch.bfloat16, False, GEMM_BOUND_C_IN) is not None:
         text += (f"; backend='auto' leaves bfloat16 merges with C_in >= {GEMM_BOUND_C_IN} "
                  "(any layout) to eager's oneDNN convolution, which is faster there")
-    if auto_declines(torch.float32, True, F32_CHANNELS_LAST_EAGER_C_IN) is not None:
-        text += (f"; backend='auto' leaves float32 channels_last merges with C_in >= "
-                 f"{F32_CHANNELS_LAST_EAGER_C_IN} to eager's oneDNN convolution, which is faster "
-                 "there")
     return text
 
 
