@@ -193,6 +193,11 @@ namespace {
 __mmask16 lanes_from(int64_t i, int64_t n) {
   return n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
 }
+
+// The mask of the first `count` 16-bit words of a 32-word step (none for count <= 0).
+__mmask32 first_words(int64_t count) {
+  return count >= 32 ? ~__mmask32(0) : count <= 0 ? __mmask32(0) : (__mmask32(1) << count) - 1;
+}
 }  // namespace
 
 void widen_add(const c10::BFloat16* src, const float* bias, float* dst, int64_t n) {
@@ -233,15 +238,13 @@ void interleave_rows(const uint16_t* even, const uint16_t* odd, int64_t cols, ui
                                                     11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i low = _mm512_load_si512(kLow);
   const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-  const auto first = [](int64_t count) {  // the mask of the first `count` (<= 32) words
-    return count >= 32 ? ~__mmask32(0) : count <= 0 ? __mmask32(0) : (__mmask32(1) << count) - 1;
-  };
   for (int64_t c = 0; c < cols; c += 32) {
     const int64_t n = std::min<int64_t>(32, cols - c);
-    const __m512i e = _mm512_maskz_loadu_epi16(first(n), even + c);
-    const __m512i o = _mm512_maskz_loadu_epi16(first(n), odd + c);
-    _mm512_mask_storeu_epi16(out + 2 * c, first(2 * n), _mm512_permutex2var_epi16(e, low, o));
-    _mm512_mask_storeu_epi16(out + 2 * c + 32, first(2 * n - 32),
+    const __m512i e = _mm512_maskz_loadu_epi16(first_words(n), even + c);
+    const __m512i o = _mm512_maskz_loadu_epi16(first_words(n), odd + c);
+    _mm512_mask_storeu_epi16(out + 2 * c, first_words(2 * n),
+                             _mm512_permutex2var_epi16(e, low, o));
+    _mm512_mask_storeu_epi16(out + 2 * c + 32, first_words(2 * n - 32),
                              _mm512_permutex2var_epi16(e, high, o));
   }
 }
@@ -253,9 +256,6 @@ void transpose_columns(const uint16_t* in, int64_t rows, int64_t c0, int64_t c1,
   // (in[r][c + 2j], in[r][c + 2j + 1]), whose low and high halves go to out's rows c + 2j and
   // c + 2j + 1. One 32-bit gather per column pair did the same at ~1/3 of the channels_last
   // grad_weight's GEMM time on the Zen 4 EPYC (its gathers are microcoded).
-  const auto first_words = [](int64_t count) {  // the mask of the first `count` (<= 32) words
-    return count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
-  };
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t block_rows = std::min<int64_t>(16, rows - r0);
     const __mmask16 row_lanes = lanes_from(r0, rows);

@@ -524,8 +524,8 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
 // packed B from L3, measured ~2x slower). Each element's sum (chunks in order, the ukernel's
 // fixed order inside one) does not depend on the thread count.
 void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
-                            const at::BFloat16* lateral, at::Tensor& weight_acc,
-                            bool channels_last) {
+                               const at::BFloat16* lateral, at::Tensor& weight_acc,
+                               bool channels_last) {
   constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
