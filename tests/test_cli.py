@@ -307,6 +307,13 @@ def test_summary_shows_each_case_and_what_auto_picks(tmp_path, small_peaks, monk
         assert cells[5] == f"{by[(layout, report.TOTAL, cases.EAGER)] / auto_ms:.2f}x"
         eager_ms, cpu_ms = by[(layout, "8x6x10", cases.EAGER)], by[(layout, "8x6x10", "cpu")]
         assert cells[1].startswith(f"{eager_ms / cpu_ms:.2f}x (")
+        # at peak: eager's total (no compile here) over the levels' FLOPs at the GEMM peak.
+        flops = sum(r["flops"] for r in result["rows"] if r["layout"] == layout
+                    and r["impl"] == "cpu" and r["level"] != report.TOTAL)
+        peak_ms = flops / (result["peaks"]["gemm_gflops"]["float32"] * 1e9) * 1e3
+        at_peak = by[(layout, report.TOTAL, cases.EAGER)] / peak_ms
+        assert cells[3].endswith(f"; at peak {at_peak:.2f}x")
+        assert "at peak" not in cells[1] + cells[2]
 
 
 def test_gemm_floor_times_eagers_conv_alone(tmp_path, small_peaks, capsys):

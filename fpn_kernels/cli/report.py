@@ -165,6 +165,15 @@ def _versus(time_ms: float, eager_ms: float, compile_ms: float | None) -> str:
     return text + (f" / {_times(compile_ms / time_ms)}" if compile_ms else "")
 
 
+def _at_peak_ms(result: dict, dtype: str, level_rows: list[dict]) -> float | None:
+    """The time the levels' GEMM FLOPs take at the run's measured GEMM peak of ``dtype``."""
+    peak = result.get("peaks", {}).get("gemm_gflops", {}).get(dtype)
+    flops = [r.get("flops") for r in level_rows]
+    if not peak or None in flops:
+        return None
+    return sum(flops) / (peak * 1e9) * 1e3
+
+
 def summary(result: dict, impl: str = "cpu") -> str:
     """One markdown table: a row per (dtype, layout, direction), per level ``impl``'s speedup
     over eager / over torch.compile (medians of one run) and its share of the GEMM peak, then
@@ -190,6 +199,9 @@ def summary(result: dict, impl: str = "cpu") -> str:
             floor = by.get((level, CONV_ONLY))
             if floor is not None:  # bench --gemm-floor: eager's GEMMs alone
                 cell += f"; bound {_times(eager / floor['median_ms'])}"
+            at_peak = _at_peak_ms(result, key[0], [by[(lv, impl)] for lv in levels])
+            if level == TOTAL and at_peak:
+                cell += f"; at peak {_times(min(eager, compiled or eager) / at_peak)}"
             cells.append(cell)
         picks = [by[(level, impl)].get("auto_backend") for level in levels]
         if None in picks or any((lv, b) not in by_backend
@@ -208,6 +220,9 @@ def summary(result: dict, impl: str = "cpu") -> str:
                 "(its GEMMs, no upsample or add): the most any fused kernel whose GEMMs are as "
                 "fast as eager's can gain over eager there."]
                if any(r["impl"] == CONV_ONLY for r in result["rows"]) else []),
+             "- at peak (total): the faster of eager and torch.compile against the time the "
+             "levels' GEMM FLOPs take at the measured GEMM peak of the dtype: the most a kernel "
+             "whose GEMMs run at that peak can reach against the faster baseline.",
              "- auto picks: the backend `backend=\"auto\"` chose for each level on this "
              "machine; auto total: the sum of those backends' medians (eager's math through "
              "the op where it picked eager) vs eager / vs torch.compile."]
