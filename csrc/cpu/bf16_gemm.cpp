@@ -25,6 +25,20 @@ namespace {
 constexpr int64_t kBlockM = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The packs and transposes below read rows of a strided operand (a pixel's channels, 0.5-2 KiB
+// apart) a few cache lines per row; asking for the rows kPrefetchRows ahead took the
+// channels_last grad_weight from 52.1 to 45.2 ms at R50's P2 and from 24.9 to 22.2 ms at P3
+// on the Zen 4 EPYC (2026-12-06, interleaved, 21 calls each; the pack's prefetch alone 48.8
+// and 23.2), whose prefetchers did not follow these strides. Same bits.
+constexpr int64_t kPrefetchRows = 16;
+
+// Asks for the cache lines of [row, row + bytes) (a hint: no fault, no effect on results).
+void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64) {
+    __builtin_prefetch(static_cast<const char*>(row) + line);
+  }
+}
 }  // namespace
 
 namespace {
@@ -104,6 +118,9 @@ void PackedB::pack(const c10::BFloat16* b, int64_t k, int64_t n, int64_t ldb) {
       const auto* block_in = reinterpret_cast<const uint16_t*>(b + j * kBlockN);
       auto* block_out = reinterpret_cast<uint16_t*>(out + j * block_elems_);
       for (int64_t i = 0; i < k / 2; ++i) {
+        for (int64_t r = 2 * i + kPrefetchRows; r < std::min(k, 2 * i + kPrefetchRows + 2); ++r) {
+          prefetch_row(block_in + r * ldb, cols * 2);
+        }
         interleave_rows(block_in + 2 * i * ldb, block_in + (2 * i + 1) * ldb, cols,
                         block_out + 2 * i * kBlockN);
       }
@@ -261,6 +278,9 @@ void transpose_columns(const uint16_t* in, int64_t rows, int64_t c0, int64_t c1,
     const __mmask16 row_lanes = lanes_from(r0, rows);
     for (int64_t c = c0; c < c1; c += 32) {
       const int64_t cols = std::min<int64_t>(32, c1 - c);
+      for (int64_t r = r0 + 16; r < std::min(rows, r0 + 32); ++r) {  // the next 16 rows
+        prefetch_row(in + r * ld_in + c, cols * 2);
+      }
       __m512i v[16];
       for (int64_t r = 0; r < 16; ++r) {
         v[r] = r < block_rows
