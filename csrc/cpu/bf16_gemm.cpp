@@ -11,7 +11,6 @@
 #endif
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -88,6 +87,11 @@ bool usable(int64_t k) { return k > 0 && k % 2 == 0 && available(); }
 // out[2c] = even[c], out[2c + 1] = odd[c] for c < cols (AVX-512 below).
 void interleave_rows(const uint16_t* even, const uint16_t* odd, int64_t cols, uint16_t* out);
 
+// Pair i of out's row p (row stride ld_out) = pair p of in's row i (row stride ld_in), for
+// `rows` rows of `pairs` pairs of 16-bit words: a transpose of 32-bit words (AVX-512 below).
+void transpose_pairs(const uint16_t* in, int64_t rows, int64_t pairs, int64_t ld_in,
+                     uint16_t* out, int64_t ld_out);
+
 c10::BFloat16* PackedB::reserve(int64_t k, int64_t n) {
   k_ = k;
   n_ = n;
@@ -138,18 +142,9 @@ void PackedB::pack_transposed(const c10::BFloat16* bt, int64_t k, int64_t n, int
   // Column blocks run on the intra-op threads (once per call, before the tiles).
   at::parallel_for(0, ceil_div(n, kBlockN), 1, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
-      // Written in order; the block's kBlockN rows of bt are read 16 pairs per cache line, so
-      // the 4 KiB of lines being read stays in L1 (writing column by column took twice as
-      // long for a 256 x 1024 weight).
-      const c10::BFloat16* block_rows = bt + j * kBlockN * ld_bt;
       const int64_t cols = std::min(kBlockN, n - j * kBlockN);
-      c10::BFloat16* block_out = out + j * block_elems_;
-      for (int64_t i = 0; i < k / 2; ++i) {
-        for (int64_t c = 0; c < cols; ++c) {
-          std::memcpy(block_out + 2 * (i * kBlockN + c), block_rows + c * ld_bt + 2 * i,
-                      2 * sizeof(c10::BFloat16));
-        }
-      }
+      transpose_pairs(reinterpret_cast<const uint16_t*>(bt + j * kBlockN * ld_bt), cols, k / 2,
+                      ld_bt, reinterpret_cast<uint16_t*>(out + j * block_elems_), 2 * kBlockN);
     }
   });
 }
@@ -266,6 +261,11 @@ void interleave_rows(const uint16_t* even, const uint16_t* odd, int64_t cols, ui
   }
 }
 
+void transpose_pairs(const uint16_t* in, int64_t rows, int64_t pairs, int64_t ld_in,
+                     uint16_t* out, int64_t ld_out) {
+  avx512::transpose_words(in, rows, pairs, ld_in * 2, out, ld_out * 2);
+}
+
 void transpose_columns(const uint16_t* in, int64_t rows, int64_t c0, int64_t c1, int64_t ld_in,
                        uint16_t* out, int64_t ld_out) {
   // 16 rows x 32 columns at a time: the rows' 16 column pairs are 16 x 16 32-bit words,
@@ -319,6 +319,16 @@ void interleave_rows(const uint16_t* even, const uint16_t* odd, int64_t cols, ui
   for (int64_t c = 0; c < cols; ++c) {
     out[2 * c] = even[c];
     out[2 * c + 1] = odd[c];
+  }
+}
+
+void transpose_pairs(const uint16_t* in, int64_t rows, int64_t pairs, int64_t ld_in,
+                     uint16_t* out, int64_t ld_out) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int64_t r = 0; r < rows; ++r) {
+      out[p * ld_out + 2 * r] = in[r * ld_in + 2 * p];
+      out[p * ld_out + 2 * r + 1] = in[r * ld_in + 2 * p + 1];
+    }
   }
 }
 
