@@ -1,9 +1,9 @@
-// A 16 x 16 transpose of 32-bit words in AVX-512 registers: v[r] holds row r on entry, column
-// r on return, and a whole transpose of word matrices built on it. Shared by the channels_last
+// A 16 x 16 transpose of 32-bit words in AVX-512 registers (v[r] holds row r on entry, column
+// r on return), and a whole transpose of word matrices built on it. Shared by the channels_last
 // grad_weight operands' transposes (bf16_gemm.cpp: bf16 pairs as words; f32_gemm.cpp: fp32)
-// and bf16_gemm's pack of a transposed operand (bf16 pairs as words). Compiled for AVX-512 by its target attribute
-// alone, so it is callable (and inlined) only from the AVX-512 regions of those files, and no
-// AVX-512 code reaches a translation unit's baseline functions.
+// and bf16_gemm's pack of a transposed operand (bf16 pairs as words). Compiled for AVX-512 by
+// their target attributes alone, so they are callable (and inlined) only from the AVX-512
+// regions of those files, and no AVX-512 code reaches a translation unit's baseline functions.
 #pragma once
 
 #if defined(__x86_64__)
