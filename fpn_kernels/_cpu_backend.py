@@ -26,7 +26,9 @@ def unavailable_reason() -> str | None:
 # P4 (C_in 1024) to eager was tried on 2026-12-04 and dropped the same day: the eager backend
 # (what "auto" would run) was 9% faster forward in one full-matrix run, tied in the next, and
 # 2% slower forward and 3% slower forward+backward in a third, after fp32 grad_weight moved to
-# the brgemm (benchmarks/results/bench-cpu-zen4-matrix.json is a run with neither rule).
+# the brgemm. On 2026-12-07 (interleaved in one process) the eager backend was slower than this
+# kernel at channels_last P4 and P3 in both dtypes, forward (1-22%) and forward+backward
+# (4-25%), so no rule for those levels either (README, "Which CPU kernel auto picks").
 # An explicit backend="cpu" still runs them. The rule reads the ISA, never a timing.
 GEMM_BOUND_C_IN = 512
 
