@@ -18,11 +18,6 @@ namespace fpn_kernels::bf16_gemm {
 namespace cpublas = at::native::cpublas;
 
 namespace {
-// Rows of `a` per ukernel call: 32 x k of A stays in L1/L2 while it meets every column block
-// of B (measured on the AMX Xeon at k = 256..2048: 32 and 64 rows alike, whole 988-row tiles
-// 20-25% slower).
-constexpr int64_t kBlockM = 32;
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The packs and transposes below read rows of a strided operand (a pixel's channels, 0.5-2 KiB

@@ -514,102 +514,124 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
   });
 }
 
-// grad_weight (below) for bfloat16 on the brgemm (bf16_gemm): per chunk, the even part of its
-// pixels [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
-// reduction), an odd last pixel a rank-1 fp32 update. A is grad_chunk (C_out, k) row-major:
-// grad_out itself in NCHW, a transposed bf16 copy in channels_last (pixels are the reduction,
-// so they must be A's contiguous axis); B is lateral_chunk^T (k, C_in). The chunk runs on the
-// intra-op threads by blocks of grad_weight columns: a task packs its own k x 64 block of B,
-// which stays in L2 while all of A meets it (a task per row block, each streaming the whole
-// packed B from L3, measured ~2x slower). Each element's sum (chunks in order, the ukernel's
-// fixed order inside one) does not depend on the thread count.
-// channels_last: the next chunk's transpose runs as tasks of the same parallel region as this
-// chunk's GEMMs, alternating with them (into the other of two buffers), so a thread streams
-// grad_out while the other multiplies, and a chunk costs one region instead of two. Same bits;
-// measured on the Zen 4 EPYC (2026-12-06, in one process against the transposes in a region
-// of their own, 15-21 calls each): R50 P2 46.5 vs 48.6 and 48.1 vs 49.2 ms, P3 22.4 vs 22.8 and
-// 22.8 vs 23.2, P4 11.3 vs 11.4.
-void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
-                               const at::BFloat16* lateral, at::Tensor& weight_acc,
-                               bool channels_last) {
+// acc (rows x cols, row stride ldc) += grad (rows) x lateral (cols), element strides as given:
+// the rank-1 update of a bfloat16 chunk's odd last pixel, in fp32.
+void add_odd_pixel(float* acc, int64_t ldc, const at::BFloat16* grad, int64_t grad_stride,
+                   int64_t rows, const at::BFloat16* lateral, int64_t lateral_stride,
+                   int64_t cols) {
+  for (int64_t o = 0; o < rows; ++o) {
+    const float g = static_cast<float>(grad[o * grad_stride]);
+    float* acc_row = acc + o * ldc;
+    for (int64_t i = 0; i < cols; ++i) {
+      acc_row[i] += g * static_cast<float>(lateral[i * lateral_stride]);
+    }
+  }
+}
+
+// The longest even part of a chunk of `chunks` (the bf16 GEMMs' reduction length).
+int64_t longest_even_chunk(const Tiles& chunks) {
+  int64_t longest = 0;
+  for (int64_t chunk = 0; chunk < chunks.per_image; ++chunk) {
+    longest = std::max(longest, chunks.length(chunk) & ~int64_t(1));
+  }
+  return longest;
+}
+
+// grad_weight (below) for bfloat16 on the brgemm (bf16_gemm): per chunk of pixels, the even
+// part [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
+// reduction), an odd last pixel a rank-1 fp32 update. A is grad_chunk (C_out, k) row-major, B
+// lateral_chunk^T (k, C_in) packed by column blocks of 64; each element's sum (chunks in order,
+// the ukernel's fixed order inside one) does not depend on the thread count.
+//
+// NCHW: A is grad_out itself; per chunk, a task per column block packs its own k x 64 block of
+// B, which stays in L2 while all of A meets it (a task per row block, each streaming the whole
+// packed B from L3, measured ~2x slower).
+void grad_weight_kernel_brgemm_nchw(const Shape& s, const at::BFloat16* grad_out,
+                                    const at::BFloat16* lateral, float* acc) {
   constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
-  const int64_t count = s.n * chunks.per_image;
-  float* acc = weight_acc.mutable_data_ptr<float>();
-  const auto even_pixels = [&](int64_t chunk) { return chunks.length(chunk) & ~int64_t(1); };
-  const auto grad_pixels = [&](int64_t chunk) {  // channels_last: the chunk's (np, C_out) rows
-    return grad_out + (chunks.image(chunk) * hw + chunks.start(chunk)) * s.c_out;
-  };
-  // channels_last: grad_chunk^T (C_out, k) of chunk c in grad_t[c % 2].
-  std::vector<at::BFloat16> grad_t[2];
-  const int64_t transposes = channels_last ? (s.c_out + kColBlock - 1) / kColBlock : 0;
-  const auto transpose_block = [&](int64_t chunk, int64_t block) {  // its channels block
-    const int64_t o0 = block * kColBlock, k = even_pixels(chunk);
-    bf16_gemm::transpose(grad_pixels(chunk) + o0, k, std::min(kColBlock, s.c_out - o0),
-                         s.c_out, grad_t[chunk % 2].data() + o0 * k, k);
-  };
-  if (channels_last) {
-    int64_t longest = 0;
-    for (int64_t chunk = 0; chunk < chunks.per_image; ++chunk) {
-      longest = std::max(longest, even_pixels(chunk));
-    }
-    for (auto& buffer : grad_t) buffer.resize(s.c_out * longest);
-    parallel_tasks(transposes, [&](int64_t block) { transpose_block(0, block); });
-  }
   const int64_t gemms = (s.c_in + kColBlock - 1) / kColBlock;
-  for (int64_t chunk = 0; chunk < count; ++chunk) {
+  for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
     const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
-    const int64_t k = even_pixels(chunk);
-    // grad_chunk (C_out, k) with row stride lda; the odd last pixel's grad and lateral values
-    // with their channel strides.
-    const at::BFloat16 *grad_chunk, *lateral_chunk, *grad_tail, *lateral_tail;
-    int64_t lda, tail_stride;
-    if (!channels_last) {
-      grad_chunk = grad_out + n * s.c_out * hw + p0;
-      lateral_chunk = lateral + n * s.c_in * hw + p0;  // (C_in, k), row stride hw
-      lda = tail_stride = hw;
-      grad_tail = grad_chunk + k, lateral_tail = lateral_chunk + k;
-    } else {
-      lateral_chunk = lateral + (n * hw + p0) * s.c_in;  // (k, C_in), row stride C_in
-      grad_chunk = grad_t[chunk % 2].data();
-      lda = k;
-      tail_stride = 1;
-      grad_tail = grad_pixels(chunk) + k * s.c_out, lateral_tail = lateral_chunk + k * s.c_in;
-    }
-    const bool odd = np > k;
-    const auto gemm_block = [&](int64_t block) {
+    const int64_t k = np & ~int64_t(1);
+    const at::BFloat16* grad_chunk = grad_out + n * s.c_out * hw + p0;  // (C_out, np)
+    const at::BFloat16* lateral_chunk = lateral + n * s.c_in * hw + p0;  // (C_in, np)
+    parallel_tasks(gemms, [&](int64_t block) {
       const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
       if (k > 0) {
         thread_local bf16_gemm::PackedB packed;  // reused by the thread's next blocks and calls
-        if (!channels_last) {
-          packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
-        } else {
-          packed.pack(lateral_chunk + i0, k, cols, s.c_in);
-        }
-        bf16_gemm::gemm(grad_chunk, s.c_out, lda, packed, acc + i0, s.c_in, /*accumulate=*/true);
+        packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
+        bf16_gemm::gemm(grad_chunk, s.c_out, hw, packed, acc + i0, s.c_in, /*accumulate=*/true);
       }
-      if (!odd) return;
-      for (int64_t o = 0; o < s.c_out; ++o) {
-        const float g = static_cast<float>(grad_tail[o * tail_stride]);
-        float* acc_row = acc + o * s.c_in;
-        for (int64_t i = i0; i < i0 + cols; ++i) {
-          acc_row[i] += g * static_cast<float>(lateral_tail[i * tail_stride]);
-        }
-      }
-    };
-    // This chunk's GEMMs and the next chunk's transposes, alternating while both last.
-    const int64_t next = chunk + 1 < count ? transposes : 0, paired = std::min(gemms, next);
-    parallel_tasks(gemms + next, [&](int64_t task) {
-      const bool gemm = task < 2 * paired ? task % 2 == 0 : gemms > next;
-      const int64_t index = task < 2 * paired ? task / 2 : task - paired;
-      if (gemm) {
-        gemm_block(index);
-      } else {
-        transpose_block(chunk + 1, index);
+      if (np > k) {
+        add_odd_pixel(acc + i0, s.c_in, grad_chunk + k, hw, s.c_out,
+                      lateral_chunk + i0 * hw + k, hw, cols);
       }
     });
   }
+}
+
+// channels_last: pixels are the reduction, so A must be a transposed copy of grad_out's rows.
+// The work is split once, not per chunk: an owner (a task of one parallel region) holds a block
+// of grad_weight rows (all of C_out unless there are more threads than column blocks) and every
+// `column owners`-th column block of it, and runs all chunks in order: it transposes its rows
+// of the chunk's grad_out into its own buffer, then packs and multiplies its column blocks. No
+// thread reads what another wrote and no block of grad_weight changes thread between chunks,
+// at the price of each owner transposing all the C_out rows it holds (its share of the
+// transposes is 1 / (column owners) of that in a split per chunk). Same bits as the split per
+// chunk (row blocks start at multiples of bf16_gemm::kBlockM), which it replaced: that one
+// transposed the next chunk's grad_out in 64-channel tasks beside this chunk's GEMM tasks, so
+// half of every A and a moving half of grad_weight came from the other core. Measured on the
+// Zen 4 EPYC (2026-12-07, interleaved, 10 calls each, grad_weight alone; oneDNN's
+// backward-weights beside them): in quiet minutes P4 10.7 vs 10.8-10.9 ms, P3 21.7-21.8 vs
+// 21.6-21.8, P2 46.7-47.2 vs 44.4-45.0 (oneDNN 11.5, 21.7, 43.8-44.1); in the VM's slow spells,
+// where the split per chunk lost 15-50% and oneDNN nothing, P4 12.2 vs 13.3, P3 24.6 vs 28.4,
+// P2 52.4 vs 67.7 (oneDNN 11.7, 22.1, 44.4).
+void grad_weight_kernel_brgemm_channels_last(const Shape& s, const at::BFloat16* grad_out,
+                                             const at::BFloat16* lateral, float* acc) {
+  constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
+  constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
+  const int64_t hw = s.pixels();
+  const Tiles chunks(s.h, s.w, kChunkPixels);
+  const int64_t blocks = (s.c_in + kColBlock - 1) / kColBlock;
+  const int64_t threads = at::get_num_threads();
+  const int64_t column_owners = std::min(blocks, threads);
+  const int64_t most_row_groups = (s.c_out + kRowAlign - 1) / kRowAlign;
+  const int64_t wanted_row_groups =
+      std::clamp<int64_t>(threads / column_owners, 1, most_row_groups);
+  const int64_t rows_per_group =
+      ((s.c_out + wanted_row_groups - 1) / wanted_row_groups + kRowAlign - 1) / kRowAlign *
+      kRowAlign;
+  const int64_t row_groups = (s.c_out + rows_per_group - 1) / rows_per_group;
+  const int64_t longest = longest_even_chunk(chunks);
+  parallel_tasks(column_owners * row_groups, [&](int64_t owner) {
+    const int64_t r0 = owner / column_owners * rows_per_group;
+    const int64_t rows = std::min(rows_per_group, s.c_out - r0);
+    // This owner's rows of grad_chunk^T (rows, k), and its B block; kept for later calls.
+    thread_local std::vector<at::BFloat16> grad_t;
+    thread_local bf16_gemm::PackedB packed;
+    grad_t.resize(std::max<size_t>(grad_t.size(), rows * longest));
+    for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
+      const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+      const int64_t k = np & ~int64_t(1);
+      const at::BFloat16* grad_rows = grad_out + (n * hw + p0) * s.c_out + r0;  // (np, rows)
+      const at::BFloat16* lateral_chunk = lateral + (n * hw + p0) * s.c_in;     // (np, C_in)
+      if (k > 0) bf16_gemm::transpose(grad_rows, k, rows, s.c_out, grad_t.data(), k);
+      for (int64_t block = owner % column_owners; block < blocks; block += column_owners) {
+        const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
+        float* acc_block = acc + r0 * s.c_in + i0;
+        if (k > 0) {
+          packed.pack(lateral_chunk + i0, k, cols, s.c_in);
+          bf16_gemm::gemm(grad_t.data(), rows, k, packed, acc_block, s.c_in, /*accumulate=*/true);
+        }
+        if (np > k) {
+          add_odd_pixel(acc_block, s.c_in, grad_rows + k * s.c_out, 1, rows,
+                        lateral_chunk + k * s.c_in + i0, 1, cols);
+        }
+      }
+    }
+  });
 }
 
 // grad_weight (below) for float32 channels_last on oneDNN's fp32 brgemm (f32_gemm), the way
@@ -653,7 +675,12 @@ void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t
                         at::Tensor& weight_acc, bool channels_last) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (bf16_gemm::available()) {
-      grad_weight_kernel_brgemm(s, grad_out, lateral, weight_acc, channels_last);
+      float* acc = weight_acc.mutable_data_ptr<float>();
+      if (channels_last) {
+        grad_weight_kernel_brgemm_channels_last(s, grad_out, lateral, acc);
+      } else {
+        grad_weight_kernel_brgemm_nchw(s, grad_out, lateral, acc);
+      }
       return;
     }
   }
