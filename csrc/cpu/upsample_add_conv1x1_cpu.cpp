@@ -540,74 +540,90 @@ int64_t longest_even_chunk(const Tiles& chunks) {
 // grad_weight (below) for bfloat16 on the brgemm (bf16_gemm): per chunk of pixels, the even
 // part [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
 // reduction), an odd last pixel a rank-1 fp32 update. A is grad_chunk (C_out, k) row-major, B
-// lateral_chunk^T (k, C_in) packed by column blocks of 64; each element's sum (chunks in order,
-// the ukernel's fixed order inside one) does not depend on the thread count.
+// lateral_chunk^T (k, C_in), packed by the thread that multiplies it in column blocks of 64.
 //
-// NCHW: A is grad_out itself; per chunk, a task per column block packs its own k x 64 block of
-// B, which stays in L2 while all of A meets it (a task per row block, each streaming the whole
-// packed B from L3, measured ~2x slower).
-void grad_weight_kernel_brgemm_nchw(const Shape& s, const at::BFloat16* grad_out,
-                                    const at::BFloat16* lateral, float* acc) {
-  constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
-  const int64_t hw = s.pixels();
-  const Tiles chunks(s.h, s.w, kChunkPixels);
-  const int64_t gemms = (s.c_in + kColBlock - 1) / kColBlock;
-  for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
-    const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
-    const int64_t k = np & ~int64_t(1);
-    const at::BFloat16* grad_chunk = grad_out + n * s.c_out * hw + p0;  // (C_out, np)
-    const at::BFloat16* lateral_chunk = lateral + n * s.c_in * hw + p0;  // (C_in, np)
-    parallel_tasks(gemms, [&](int64_t block) {
-      const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
-      if (k > 0) {
-        thread_local bf16_gemm::PackedB packed;  // reused by the thread's next blocks and calls
-        packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
-        bf16_gemm::gemm(grad_chunk, s.c_out, hw, packed, acc + i0, s.c_in, /*accumulate=*/true);
-      }
-      if (np > k) {
-        add_odd_pixel(acc + i0, s.c_in, grad_chunk + k, hw, s.c_out,
-                      lateral_chunk + i0 * hw + k, hw, cols);
-      }
-    });
-  }
-}
-
-// channels_last: pixels are the reduction, so A must be a transposed copy of grad_out's rows.
 // The work is split once, not per chunk: an owner (a task of one parallel region) holds a block
 // of grad_weight rows (all of C_out unless there are more threads than column blocks) and every
-// `column owners`-th column block of it, and runs all chunks in order: it transposes its rows
-// of the chunk's grad_out into its own buffer, then packs and multiplies its column blocks. No
-// thread reads what another wrote and no block of grad_weight changes thread between chunks,
-// at the price of each owner transposing all the C_out rows it holds (its share of the
-// transposes is 1 / (column owners) of that in a split per chunk). Same bits as the split per
-// chunk (row blocks start at multiples of bf16_gemm::kBlockM), which it replaced: that one
-// transposed the next chunk's grad_out in 64-channel tasks beside this chunk's GEMM tasks, so
-// half of every A and a moving half of grad_weight came from the other core. Measured on the
-// Zen 4 EPYC (2026-12-07, interleaved, 10 calls each, grad_weight alone; oneDNN's
-// backward-weights beside them): in quiet minutes P4 10.7 vs 10.8-10.9 ms, P3 21.7-21.8 vs
-// 21.6-21.8, P2 46.7-47.2 vs 44.4-45.0 (oneDNN 11.5, 21.7, 43.8-44.1); in the VM's slow spells,
-// where the split per chunk lost 15-50% and oneDNN nothing, P4 12.2 vs 13.3, P3 24.6 vs 28.4,
-// P2 52.4 vs 67.7 (oneDNN 11.7, 22.1, 44.4).
-void grad_weight_kernel_brgemm_channels_last(const Shape& s, const at::BFloat16* grad_out,
-                                             const at::BFloat16* lateral, float* acc) {
-  constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
-  constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
+// `column owners`-th column block of it, and runs all chunks in order. No thread reads what
+// another wrote and no block of grad_weight changes thread between chunks; each element's sum
+// (chunks in order, the ukernel's fixed order inside one) is the same for any thread count
+// (row blocks start at multiples of bf16_gemm::kBlockM). A task per column block per chunk,
+// which this replaced (same bits), moved half of every A and of grad_weight between the cores:
+// on the Zen 4 EPYC (2026-12-07) the VM has slow spells in which that channels_last
+// grad_weight lost 15-50% and oneDNN's backward-weights nothing; see the channels_last half.
+struct GradWeightOwners {
+  GradWeightOwners(int64_t c_in, int64_t c_out) : c_out(c_out) {
+    constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
+    blocks = (c_in + kColBlock - 1) / kColBlock;
+    const int64_t threads = at::get_num_threads();
+    column_owners = std::min(blocks, threads);
+    const int64_t wanted_row_groups =
+        std::clamp<int64_t>(threads / column_owners, 1, (c_out + kRowAlign - 1) / kRowAlign);
+    rows_per_group = ((c_out + wanted_row_groups - 1) / wanted_row_groups + kRowAlign - 1) /
+                     kRowAlign * kRowAlign;
+    row_groups = (c_out + rows_per_group - 1) / rows_per_group;
+  }
+  // Runs body(r0, rows, first_block) once per owner, on the intra-op threads; the owner's
+  // column blocks are first_block, first_block + column_owners, ... below `blocks`.
+  template <typename Body>
+  void run(const Body& body) const {
+    parallel_tasks(column_owners * row_groups, [&](int64_t owner) {
+      const int64_t r0 = owner / column_owners * rows_per_group;
+      body(r0, std::min(rows_per_group, c_out - r0), owner % column_owners);
+    });
+  }
+  static constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
+  int64_t c_out, blocks, column_owners, rows_per_group, row_groups;
+};
+
+// NCHW: A is grad_out itself (an owner's rows, row stride H*W); each owner packs its column
+// blocks of B from lateral's rows (pack_transposed).
+void grad_weight_kernel_brgemm_nchw(const Shape& s, const at::BFloat16* grad_out,
+                                    const at::BFloat16* lateral, float* acc) {
+  constexpr int64_t kColBlock = GradWeightOwners::kColBlock;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
-  const int64_t blocks = (s.c_in + kColBlock - 1) / kColBlock;
-  const int64_t threads = at::get_num_threads();
-  const int64_t column_owners = std::min(blocks, threads);
-  const int64_t most_row_groups = (s.c_out + kRowAlign - 1) / kRowAlign;
-  const int64_t wanted_row_groups =
-      std::clamp<int64_t>(threads / column_owners, 1, most_row_groups);
-  const int64_t rows_per_group =
-      ((s.c_out + wanted_row_groups - 1) / wanted_row_groups + kRowAlign - 1) / kRowAlign *
-      kRowAlign;
-  const int64_t row_groups = (s.c_out + rows_per_group - 1) / rows_per_group;
+  const GradWeightOwners owners(s.c_in, s.c_out);
+  owners.run([&](int64_t r0, int64_t rows, int64_t first_block) {
+    thread_local bf16_gemm::PackedB packed;  // reused by the thread's next blocks and calls
+    for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
+      const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
+      const int64_t k = np & ~int64_t(1);
+      const at::BFloat16* grad_rows = grad_out + (n * s.c_out + r0) * hw + p0;  // (rows, np)
+      const at::BFloat16* lateral_chunk = lateral + n * s.c_in * hw + p0;       // (C_in, np)
+      for (int64_t block = first_block; block < owners.blocks; block += owners.column_owners) {
+        const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
+        float* acc_block = acc + r0 * s.c_in + i0;
+        if (k > 0) {
+          packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
+          bf16_gemm::gemm(grad_rows, rows, hw, packed, acc_block, s.c_in, /*accumulate=*/true);
+        }
+        if (np > k) {
+          add_odd_pixel(acc_block, s.c_in, grad_rows + k, hw, rows, lateral_chunk + i0 * hw + k,
+                        hw, cols);
+        }
+      }
+    }
+  });
+}
+
+// channels_last: pixels are the reduction, so A must be a transposed copy of grad_out's rows:
+// each owner transposes its rows of the chunk's grad_out into its own buffer, i.e. every owner
+// transposes all the C_out rows it holds (with one row group, each of the two threads here
+// transposes all of grad_out). Measured on the Zen 4 EPYC (2026-12-07, interleaved, 10 calls
+// each, grad_weight alone; oneDNN's backward-weights beside them) against the split per chunk,
+// which transposed the next chunk's grad_out in 64-channel tasks beside this chunk's GEMMs: in
+// quiet minutes P4 10.7 vs 10.8-10.9 ms, P3 21.7-21.8 vs 21.6-21.8, P2 46.7-47.2 vs 44.4-45.0
+// (oneDNN 11.5, 21.7, 43.8-44.1); in a slow spell P4 12.2 vs 13.3, P3 24.6 vs 28.4, P2 52.4 vs
+// 67.7 (oneDNN 11.7, 22.1, 44.4).
+void grad_weight_kernel_brgemm_channels_last(const Shape& s, const at::BFloat16* grad_out,
+                                             const at::BFloat16* lateral, float* acc) {
+  constexpr int64_t kColBlock = GradWeightOwners::kColBlock;
+  const int64_t hw = s.pixels();
+  const Tiles chunks(s.h, s.w, kChunkPixels);
+  const GradWeightOwners owners(s.c_in, s.c_out);
   const int64_t longest = longest_even_chunk(chunks);
-  parallel_tasks(column_owners * row_groups, [&](int64_t owner) {
-    const int64_t r0 = owner / column_owners * rows_per_group;
-    const int64_t rows = std::min(rows_per_group, s.c_out - r0);
+  owners.run([&](int64_t r0, int64_t rows, int64_t first_block) {
     // This owner's rows of grad_chunk^T (rows, k), and its B block; kept for later calls.
     thread_local std::vector<at::BFloat16> grad_t;
     thread_local bf16_gemm::PackedB packed;
@@ -618,7 +634,7 @@ void grad_weight_kernel_brgemm_channels_last(const Shape& s, const at::BFloat16*
       const at::BFloat16* grad_rows = grad_out + (n * hw + p0) * s.c_out + r0;  // (np, rows)
       const at::BFloat16* lateral_chunk = lateral + (n * hw + p0) * s.c_in;     // (np, C_in)
       if (k > 0) bf16_gemm::transpose(grad_rows, k, rows, s.c_out, grad_t.data(), k);
-      for (int64_t block = owner % column_owners; block < blocks; block += column_owners) {
+      for (int64_t block = first_block; block < owners.blocks; block += owners.column_owners) {
         const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
         float* acc_block = acc + r0 * s.c_in + i0;
         if (k > 0) {
