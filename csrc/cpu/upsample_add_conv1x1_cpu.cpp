@@ -550,7 +550,7 @@ int64_t longest_even_chunk(const Tiles& chunks) {
 // (row blocks start at multiples of bf16_gemm::kBlockM). A task per column block per chunk,
 // which this replaced (same bits), moved half of every A and of grad_weight between the cores:
 // on the Zen 4 EPYC (2026-12-07) the VM has slow spells in which that channels_last
-// grad_weight lost 15-50% and oneDNN's backward-weights nothing; see the channels_last half.
+// grad_weight lost 15-50% and oneDNN's backward-weights nothing (grad_weight_kernel_brgemm).
 struct GradWeightOwners {
   GradWeightOwners(int64_t c_in, int64_t c_out) : c_out(c_out) {
     constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
@@ -576,74 +576,64 @@ struct GradWeightOwners {
   int64_t c_out, blocks, column_owners, rows_per_group, row_groups;
 };
 
-// NCHW: A is grad_out itself (an owner's rows, row stride H*W); each owner packs its column
-// blocks of B from lateral's rows (pack_transposed).
-void grad_weight_kernel_brgemm_nchw(const Shape& s, const at::BFloat16* grad_out,
-                                    const at::BFloat16* lateral, float* acc) {
+// NCHW: A is grad_out itself (an owner's rows, row stride H*W), and an owner packs its column
+// blocks of B from lateral's rows (pack_transposed). channels_last: pixels are the reduction,
+// so A must be a transposed copy of grad_out's rows: each owner transposes its rows of the
+// chunk's grad_out into its own buffer, i.e. every owner transposes all the C_out rows it holds
+// (with one row group, each of the two threads here transposes all of grad_out). Measured on
+// the Zen 4 EPYC (2026-12-07, interleaved, 10 calls each, grad_weight alone; oneDNN's
+// backward-weights beside them) against the split per chunk, which transposed the next chunk's
+// grad_out in 64-channel tasks beside this chunk's GEMMs: in quiet minutes P4 10.7 vs 10.8-10.9
+// ms, P3 21.7-21.8 vs 21.6-21.8, P2 46.7-47.2 vs 44.4-45.0 (oneDNN 11.5, 21.7, 43.8-44.1); in a
+// slow spell P4 12.2 vs 13.3, P3 24.6 vs 28.4, P2 52.4 vs 67.7 (oneDNN 11.7, 22.1, 44.4). NCHW,
+// alternating processes: P4 9.9-10.0 vs 9.9-10.3, P3 19.4-19.6 vs 19.6-19.9, P2 38.4-38.9 vs
+// 39.3-39.7.
+void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
+                               const at::BFloat16* lateral, float* acc, bool channels_last) {
   constexpr int64_t kColBlock = GradWeightOwners::kColBlock;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
   const GradWeightOwners owners(s.c_in, s.c_out);
+  const int64_t longest = channels_last ? longest_even_chunk(chunks) : 0;
   owners.run([&](int64_t r0, int64_t rows, int64_t first_block) {
-    thread_local bf16_gemm::PackedB packed;  // reused by the thread's next blocks and calls
-    for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
-      const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
-      const int64_t k = np & ~int64_t(1);
-      const at::BFloat16* grad_rows = grad_out + (n * s.c_out + r0) * hw + p0;  // (rows, np)
-      const at::BFloat16* lateral_chunk = lateral + n * s.c_in * hw + p0;       // (C_in, np)
-      for (int64_t block = first_block; block < owners.blocks; block += owners.column_owners) {
-        const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
-        float* acc_block = acc + r0 * s.c_in + i0;
-        if (k > 0) {
-          packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
-          bf16_gemm::gemm(grad_rows, rows, hw, packed, acc_block, s.c_in, /*accumulate=*/true);
-        }
-        if (np > k) {
-          add_odd_pixel(acc_block, s.c_in, grad_rows + k, hw, rows, lateral_chunk + i0 * hw + k,
-                        hw, cols);
-        }
-      }
-    }
-  });
-}
-
-// channels_last: pixels are the reduction, so A must be a transposed copy of grad_out's rows:
-// each owner transposes its rows of the chunk's grad_out into its own buffer, i.e. every owner
-// transposes all the C_out rows it holds (with one row group, each of the two threads here
-// transposes all of grad_out). Measured on the Zen 4 EPYC (2026-12-07, interleaved, 10 calls
-// each, grad_weight alone; oneDNN's backward-weights beside them) against the split per chunk,
-// which transposed the next chunk's grad_out in 64-channel tasks beside this chunk's GEMMs: in
-// quiet minutes P4 10.7 vs 10.8-10.9 ms, P3 21.7-21.8 vs 21.6-21.8, P2 46.7-47.2 vs 44.4-45.0
-// (oneDNN 11.5, 21.7, 43.8-44.1); in a slow spell P4 12.2 vs 13.3, P3 24.6 vs 28.4, P2 52.4 vs
-// 67.7 (oneDNN 11.7, 22.1, 44.4).
-void grad_weight_kernel_brgemm_channels_last(const Shape& s, const at::BFloat16* grad_out,
-                                             const at::BFloat16* lateral, float* acc) {
-  constexpr int64_t kColBlock = GradWeightOwners::kColBlock;
-  const int64_t hw = s.pixels();
-  const Tiles chunks(s.h, s.w, kChunkPixels);
-  const GradWeightOwners owners(s.c_in, s.c_out);
-  const int64_t longest = longest_even_chunk(chunks);
-  owners.run([&](int64_t r0, int64_t rows, int64_t first_block) {
-    // This owner's rows of grad_chunk^T (rows, k), and its B block; kept for later calls.
+    // channels_last: this owner's rows of grad_chunk^T (rows, k). Both kept for later calls.
     thread_local std::vector<at::BFloat16> grad_t;
     thread_local bf16_gemm::PackedB packed;
     grad_t.resize(std::max<size_t>(grad_t.size(), rows * longest));
     for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
       const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
       const int64_t k = np & ~int64_t(1);
-      const at::BFloat16* grad_rows = grad_out + (n * hw + p0) * s.c_out + r0;  // (np, rows)
-      const at::BFloat16* lateral_chunk = lateral + (n * hw + p0) * s.c_in;     // (np, C_in)
-      if (k > 0) bf16_gemm::transpose(grad_rows, k, rows, s.c_out, grad_t.data(), k);
+      // A (rows, k) with row stride lda; the odd last pixel's grad values (one per row) and
+      // lateral values (one per channel) with their strides.
+      const at::BFloat16 *a, *grad_odd, *lateral_chunk, *lateral_odd;
+      int64_t lda, grad_step, lateral_step;
+      if (!channels_last) {
+        a = grad_out + (n * s.c_out + r0) * hw + p0;  // (rows, np)
+        lateral_chunk = lateral + n * s.c_in * hw + p0;  // (C_in, np)
+        lda = grad_step = lateral_step = hw;
+        grad_odd = a + k, lateral_odd = lateral_chunk + k;
+      } else {
+        const at::BFloat16* grad_rows = grad_out + (n * hw + p0) * s.c_out + r0;  // (np, rows)
+        lateral_chunk = lateral + (n * hw + p0) * s.c_in;  // (np, C_in)
+        if (k > 0) bf16_gemm::transpose(grad_rows, k, rows, s.c_out, grad_t.data(), k);
+        a = grad_t.data(), lda = k;
+        grad_step = lateral_step = 1;
+        grad_odd = grad_rows + k * s.c_out, lateral_odd = lateral_chunk + k * s.c_in;
+      }
       for (int64_t block = first_block; block < owners.blocks; block += owners.column_owners) {
         const int64_t i0 = block * kColBlock, cols = std::min(kColBlock, s.c_in - i0);
         float* acc_block = acc + r0 * s.c_in + i0;
         if (k > 0) {
-          packed.pack(lateral_chunk + i0, k, cols, s.c_in);
-          bf16_gemm::gemm(grad_t.data(), rows, k, packed, acc_block, s.c_in, /*accumulate=*/true);
+          if (!channels_last) {
+            packed.pack_transposed(lateral_chunk + i0 * hw, k, cols, hw);
+          } else {
+            packed.pack(lateral_chunk + i0, k, cols, s.c_in);
+          }
+          bf16_gemm::gemm(a, rows, lda, packed, acc_block, s.c_in, /*accumulate=*/true);
         }
         if (np > k) {
-          add_odd_pixel(acc_block, s.c_in, grad_rows + k * s.c_out, 1, rows,
-                        lateral_chunk + k * s.c_in + i0, 1, cols);
+          add_odd_pixel(acc_block, s.c_in, grad_odd, grad_step, rows,
+                        lateral_odd + i0 * lateral_step, lateral_step, cols);
         }
       }
     }
@@ -691,12 +681,8 @@ void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t
                         at::Tensor& weight_acc, bool channels_last) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (bf16_gemm::available()) {
-      float* acc = weight_acc.mutable_data_ptr<float>();
-      if (channels_last) {
-        grad_weight_kernel_brgemm_channels_last(s, grad_out, lateral, acc);
-      } else {
-        grad_weight_kernel_brgemm_nchw(s, grad_out, lateral, acc);
-      }
+      grad_weight_kernel_brgemm(s, grad_out, lateral, weight_acc.mutable_data_ptr<float>(),
+                                channels_last);
       return;
     }
   }
