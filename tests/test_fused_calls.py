@@ -52,6 +52,28 @@ def test_calls_match_the_reference(mode, scale_factor, channels_last):
     assert torch.equal(only_top[3], grads[3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("c_in,c_out", [(0, 8), (8, 0), (0, 0)])
+def test_backward_of_zero_channels_is_empty_or_the_reference(c_in, c_out, channels_last, dtype):
+    """The op's Python entry rejects C_in = 0 and C_out = 0, but the kernel itself must not
+    crash on them (a division by the number of grad_weight column blocks once did): empty
+    gradients where a size is 0, grad_bias and grad_top the sums of grad_out."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(2)
+    lateral = torch.randn(2, c_in, 6, 8, generator=g).to(dtype).contiguous(memory_format=fmt)
+    grad_out = torch.randn(2, c_out, 6, 8, generator=g).to(dtype).contiguous(memory_format=fmt)
+    w2d = torch.randn(c_out, c_in, generator=g).to(dtype)
+    grads = fused_backward(grad_out, lateral, w2d, (3, 4), channels_last=channels_last)
+    assert [tuple(t.shape) for t in grads] == [(2, c_in, 6, 8), (c_out, c_in), (c_out,),
+                                               (2, c_out, 3, 4)]
+    # (6, 8) from (3, 4) is an exact 2x nearest upsample: grad_top sums 2 x 2 windows.
+    windows = grad_out.float().reshape(2, c_out, 3, 2, 4, 2).sum(dim=(3, 5))
+    assert_close(grads[2].float(), grad_out.float().sum(dim=(0, 2, 3)), dtype, scale=10.0,
+                 msg="bias")  # 96 terms, rounded once to dtype
+    assert_close(grads[3].float(), windows, dtype, scale=2.0, msg="top")
+
+
 def test_the_helpers_name_every_schema_argument():
     for op, helper in ((torch.ops.fpn_kernels.fused_forward, fused_forward),
                        (torch.ops.fpn_kernels.fused_backward, fused_backward)):

@@ -555,6 +555,7 @@ struct GradWeightOwners {
   GradWeightOwners(int64_t c_in, int64_t c_out) : c_out(c_out) {
     constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
     blocks = (c_in + kColBlock - 1) / kColBlock;
+    if (blocks == 0 || c_out == 0) return;  // an empty grad_weight: no owners
     const int64_t threads = at::get_num_threads();
     column_owners = std::min(blocks, threads);
     const int64_t wanted_row_groups =
@@ -573,7 +574,7 @@ struct GradWeightOwners {
     });
   }
   static constexpr int64_t kColBlock = bf16_gemm::PackedB::kBlockN;
-  int64_t c_out, blocks, column_owners, rows_per_group, row_groups;
+  int64_t c_out, blocks, column_owners = 0, rows_per_group = 0, row_groups = 0;
 };
 
 // NCHW: A is grad_out itself (an owner's rows, row stride H*W), and an owner packs its column
