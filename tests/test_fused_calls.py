@@ -55,7 +55,8 @@ def test_calls_match_the_reference(mode, scale_factor, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("c_in,c_out", [(0, 8), (8, 0), (0, 0)])
-def test_backward_of_zero_channels_is_empty_or_the_reference(c_in, c_out, channels_last, dtype):
+def test_backward_of_zero_channels_is_empty_or_the_sums_of_grad_out(c_in, c_out, channels_last,
+                                                                  dtype):
     """The op's Python entry rejects C_in = 0 and C_out = 0, but the kernel itself must not
     crash on them (a division by the number of grad_weight column blocks once did): empty
     gradients where a size is 0, grad_bias and grad_top the sums of grad_out."""
