@@ -162,12 +162,14 @@ def test_brgemm_and_fp32_gemm_agree_to_the_rounding(channels_last):
 
 @needs_brgemm
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("case", ["tails", "r50_p2_channels"])
+@pytest.mark.parametrize("case", ["tails", "r50_p2_channels", "r50_p4_channels"])
 def test_brgemm_bits_do_not_depend_on_thread_count(case, channels_last):
-    """"tails" has 2145 pixels per image: grad_weight's 1024-pixel chunks end in an odd
-    97-pixel chunk, whose last pixel goes to the fp32 rank-1 update; its 48 input channels are
-    one column block, so on 2 threads the channels_last grad_weight splits its 72 rows between
-    two owners (rows 0-63 and 64-71), on 1 thread not."""
+    """grad_weight's owners on 2 threads against 1 owner on 1 thread. "tails" has 2145 pixels
+    per image: the 1024-pixel chunks end in an odd 97-pixel chunk, whose last pixel goes to the
+    fp32 rank-1 update; its 48 input channels are one column block, so on 2 threads
+    grad_weight's 72 rows go to two owners (rows 0-63 and 64-71). On 2 threads channels_last
+    "r50_p2_channels" (C_in <= 2 C_out) splits rows first (0-127, 128-255), "r50_p4_channels"
+    (C_in 1024) and every NCHW case with more than one column block split column blocks."""
     assert_same_bits_on_1_and_2_threads(lambda: run_case(case, channels_last)[2])
 
 

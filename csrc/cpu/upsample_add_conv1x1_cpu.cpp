@@ -543,8 +543,9 @@ int64_t longest_even_chunk(const Tiles& chunks) {
 // lateral_chunk^T (k, C_in), packed by the thread that multiplies it in column blocks of 64.
 //
 // The work is split once, not per chunk: an owner (a task of one parallel region) holds a block
-// of grad_weight rows (all of C_out unless there are more threads than column blocks) and every
-// `column owners`-th column block of it, and runs all chunks in order. No thread reads what
+// of grad_weight rows and every `column_owners`-th column block of it, and runs all chunks in
+// order. The threads go to column blocks first (each owner holding all of C_out), or to row
+// blocks first (each owner holding all of C_in): see grad_weight_kernel_brgemm. No thread reads what
 // another wrote and no block of grad_weight changes thread between chunks; each element's sum
 // (chunks in order, the ukernel's fixed order inside one) is the same for any thread count
 // (row blocks start at multiples of bf16_gemm::kBlockM). A task per column block per chunk,
@@ -552,14 +553,20 @@ int64_t longest_even_chunk(const Tiles& chunks) {
 // on the Zen 4 EPYC (2026-12-07) the VM has slow spells in which that channels_last
 // grad_weight lost 15-50% and oneDNN's backward-weights nothing (grad_weight_kernel_brgemm).
 struct GradWeightOwners {
-  GradWeightOwners(int64_t c_in, int64_t c_out) : c_out(c_out) {
+  GradWeightOwners(int64_t c_in, int64_t c_out, bool rows_first) : c_out(c_out) {
     constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
     blocks = (c_in + kColBlock - 1) / kColBlock;
     if (blocks == 0 || c_out == 0) return;  // an empty grad_weight: no owners
     const int64_t threads = at::get_num_threads();
-    column_owners = std::min(blocks, threads);
-    const int64_t wanted_row_groups =
-        std::clamp<int64_t>(threads / column_owners, 1, (c_out + kRowAlign - 1) / kRowAlign);
+    const int64_t row_blocks = (c_out + kRowAlign - 1) / kRowAlign;
+    int64_t wanted_row_groups;
+    if (rows_first) {
+      wanted_row_groups = std::min(threads, row_blocks);
+      column_owners = std::clamp<int64_t>(threads / wanted_row_groups, 1, blocks);
+    } else {
+      column_owners = std::min(blocks, threads);
+      wanted_row_groups = std::clamp<int64_t>(threads / column_owners, 1, row_blocks);
+    }
     rows_per_group = ((c_out + wanted_row_groups - 1) / wanted_row_groups + kRowAlign - 1) /
                      kRowAlign * kRowAlign;
     row_groups = (c_out + rows_per_group - 1) / rows_per_group;
@@ -578,23 +585,29 @@ struct GradWeightOwners {
 };
 
 // NCHW: A is grad_out itself (an owner's rows, row stride H*W), and an owner packs its column
-// blocks of B from lateral's rows (pack_transposed). channels_last: pixels are the reduction,
-// so A must be a transposed copy of grad_out's rows: each owner transposes its rows of the
-// chunk's grad_out into its own buffer, i.e. every owner transposes all the C_out rows it holds
-// (with one row group, each of the two threads here transposes all of grad_out). Measured on
-// the Zen 4 EPYC (2026-12-07, interleaved, 10 calls each, grad_weight alone; oneDNN's
-// backward-weights beside them) against the split per chunk, which transposed the next chunk's
-// grad_out in 64-channel tasks beside this chunk's GEMMs: in quiet minutes P4 10.7 vs 10.8-10.9
-// ms, P3 21.7-21.8 vs 21.6-21.8, P2 46.7-47.2 vs 44.4-45.0 (oneDNN 11.5, 21.7, 43.8-44.1); in a
-// slow spell P4 12.2 vs 13.3, P3 24.6 vs 28.4, P2 52.4 vs 67.7 (oneDNN 11.7, 22.1, 44.4). NCHW,
-// alternating processes: P4 9.9-10.0 vs 9.9-10.3, P3 19.4-19.6 vs 19.6-19.9, P2 38.4-38.9 vs
-// 39.3-39.7.
+// blocks of B from lateral's rows (pack_transposed): split by columns first, the threads share
+// neither packs nor reads. channels_last: pixels are the reduction, so A must be a transposed
+// copy of grad_out's rows: each owner transposes its rows of the chunk's grad_out into its own
+// buffer and packs its column blocks of lateral (pack). Whichever of the two the split leaves
+// whole is done by every owner: split by columns first, every thread transposes all of
+// grad_out (C_out x k); by rows first, every thread packs all of lateral (C_in x k), a
+// streaming copy that costs about half a transpose per element. So channels_last splits rows
+// first where C_in <= 2 * C_out (R50's P2 and P3), columns first above (P4).
+// Measured on the Zen 4 EPYC (2026-12-07, interleaved in one process, 11-15 calls each,
+// grad_weight alone, bf16 channels_last, 2 threads; rows first vs columns first, oneDNN's
+// backward-weights beside): quiet minutes P2 46.0-46.3 vs 48.1-48.4 ms (oneDNN 45.0-45.1), P3
+// 22.0-22.4 vs 22.0-22.6, P4 10.7-11.3 vs 10.6-11.5; slow spells P2 50.9-52.5 vs 56.2-56.5, P3
+// 24.2-27.8 vs 25.8-29.8. NCHW rows first: P2 39.6-40.0 vs 38.4-38.8, P3 20.0-20.2 vs 19.3-19.7.
+// The split per chunk that the owners replaced (transposes of the next chunk's grad_out in
+// 64-channel tasks beside this chunk's GEMMs), same machine, same day: quiet P4 10.8-10.9,
+// P3 21.6-21.8, P2 44.4-45.0 ms; slow spells P4 13.3, P3 28.4, P2 67.7.
 void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
                                const at::BFloat16* lateral, float* acc, bool channels_last) {
   constexpr int64_t kColBlock = GradWeightOwners::kColBlock;
   const int64_t hw = s.pixels();
   const Tiles chunks(s.h, s.w, kChunkPixels);
-  const GradWeightOwners owners(s.c_in, s.c_out);
+  const GradWeightOwners owners(s.c_in, s.c_out,
+                                /*rows_first=*/channels_last && s.c_in <= 2 * s.c_out);
   const int64_t longest = channels_last ? longest_even_chunk(chunks) : 0;
   owners.run([&](int64_t r0, int64_t rows, int64_t first_block) {
     // channels_last: this owner's rows of grad_chunk^T (rows, k). Both kept for later calls.
