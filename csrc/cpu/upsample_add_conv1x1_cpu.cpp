@@ -545,13 +545,14 @@ int64_t longest_even_chunk(const Tiles& chunks) {
 // The work is split once, not per chunk: an owner (a task of one parallel region) holds a block
 // of grad_weight rows and every `column_owners`-th column block of it, and runs all chunks in
 // order. The threads go to column blocks first (each owner holding all of C_out), or to row
-// blocks first (each owner holding all of C_in): see grad_weight_kernel_brgemm. No thread reads what
-// another wrote and no block of grad_weight changes thread between chunks; each element's sum
-// (chunks in order, the ukernel's fixed order inside one) is the same for any thread count
-// (row blocks start at multiples of bf16_gemm::kBlockM). A task per column block per chunk,
-// which this replaced (same bits), moved half of every A and of grad_weight between the cores:
-// on the Zen 4 EPYC (2026-12-07) the VM has slow spells in which that channels_last
-// grad_weight lost 15-50% and oneDNN's backward-weights nothing (grad_weight_kernel_brgemm).
+// blocks first (each owner holding all of C_in): see grad_weight_kernel_brgemm. No thread
+// reads what another wrote and no block of grad_weight changes thread between chunks; each
+// element's sum (chunks in order, the ukernel's fixed order inside one) is the same for any
+// thread count (row blocks start at multiples of bf16_gemm::kBlockM). A task per column block
+// per chunk, which this replaced (same bits), moved half of every A and of grad_weight between
+// the cores: on the Zen 4 EPYC (2026-12-07) the VM has slow spells in which that
+// channels_last grad_weight lost 15-50% and oneDNN's backward-weights nothing
+// (grad_weight_kernel_brgemm).
 struct GradWeightOwners {
   GradWeightOwners(int64_t c_in, int64_t c_out, bool rows_first) : c_out(c_out) {
     constexpr int64_t kRowAlign = bf16_gemm::kBlockM;
