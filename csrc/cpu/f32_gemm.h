@@ -1,5 +1,5 @@
-// float32 GEMMs of the channels_last kernels (forward and grad_lateral tiles, grad_weight
-// panels) on oneDNN's brgemm ukernel (at::native::cpublas::brgemm, f32 x f32 -> f32: the
+// float32 GEMMs of the CPU kernels (forward and grad_lateral tiles in both layouts, the
+// channels_last grad_weight's panels) on oneDNN's brgemm ukernel (at::native::cpublas::brgemm, f32 x f32 -> f32: the
 // microkernel of the brgconv that eager's channels_last 1x1 convolution runs), on CPUs with
 // AVX-512 but no AMX (Zen 4), where MKL's sgemm runs ~15% below it. Measured against MKL
 // through at::mm on the same tiles, interleaved in one process (R50 levels, N = 2, 11 calls
@@ -8,8 +8,13 @@
 // (grad_weight: at grad_weight_kernel_f32_brgemm). On the Sapphire Rapids Xeon (AMX) the same
 // ukernel was no faster than MKL (P4 forward 22.0-25.3 against 22.6-24.0 ms, backward
 // 51.7-52.1 against 47.9-48.0; 2026-12-03), so CPUs with AMX keep MKL.
-// NCHW tiles stay on MKL: their B operand is the tile itself, K rows a whole image plane
-// apart, which the ukernel read at half MKL's speed on the Sapphire Rapids Xeon.
+// NCHW tiles (B is the tile itself, K rows an image plane apart; A the weight or its
+// transpose) were once kept on MKL after the ukernel read such a B at half MKL's speed on the
+// Sapphire Rapids Xeon, which keeps MKL anyway. On the Zen 4 EPYC they gain as much
+// (2026-12-07, interleaved in one process, 7-9 calls each, medians, MKL -> brgemm), forward /
+// grad_lateral: P4 22.7-24.7 -> 21.7-22.6 / 26.3-29.9 -> 20.3-21.1 ms, P3 46.6-50.4 ->
+// 42.2-44.6 / 45.0-52.0 -> 38.6-40.8, P2 91.3-97.3 -> 85.0-87.6 / 87.6-95.7 -> 78.7-80.7.
+// The NCHW grad_weight stays on MKL (grad_weight_kernel).
 #pragma once
 
 #include <cstdint>

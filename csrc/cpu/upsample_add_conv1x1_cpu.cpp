@@ -185,8 +185,8 @@ struct AccTile {
 //   NCHW:          c (F rows x np) [+]= F (F rows x K) @ tile (K x np);
 //   channels_last: c (np x F cols) [+]= tile (np x K) @ F (K x F cols).
 // On oneDNN's brgemm: bfloat16 where bf16_gemm::usable says so (F is packed once per call, an
-// NCHW tile once per task), float32 channels_last tiles where f32_gemm::available (F read in
-// place, a contiguous copy of a transposed view once per call); everything else goes through
+// NCHW tile once per task), float32 where f32_gemm::available (F read in place, a contiguous
+// copy of a transposed view once per call; the tile in place); everything else goes through
 // matmul (MKL), half/bfloat16 as fp32 copies.
 template <typename scalar_t>
 class TileGemm {
@@ -198,17 +198,18 @@ class TileGemm {
         f_cols_(fixed.size(1)) {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) use_brgemm_ = bf16_gemm::usable(k_);
     if constexpr (std::is_same_v<scalar_t, float>) {
-      use_brgemm_ = channels_last && k_ > 0 && f32_gemm::available();
+      use_brgemm_ = k_ > 0 && f32_gemm::available();
       if (use_brgemm_) {
-        // B, K x F cols row-major: the weight in place (grad_lateral); its transpose (forward)
-        // copied into f32_b_, outside ATen's allocator, so the call's only allocation in
-        // torch's memory profile stays its output.
+        // F row-major (channels_last: the B operand, NCHW: the A operand): the weight in place
+        // (channels_last grad_lateral, NCHW forward); its transpose copied into f32_fixed_,
+        // outside ATen's allocator, so the call's only allocation in torch's memory profile
+        // stays its output.
         if (fixed.is_contiguous()) {
-          f32_b_data_ = fixed.const_data_ptr<float>();
+          f32_fixed_data_ = fixed.const_data_ptr<float>();
         } else {
-          f32_b_.resize(k_ * f_cols_);
-          view2d(f32_b_.data(), k_, f_cols_, f_cols_, 1).copy_(fixed);
-          f32_b_data_ = f32_b_.data();
+          f32_fixed_.resize(f_rows_ * f_cols_);
+          view2d(f32_fixed_.data(), f_rows_, f_cols_, f_cols_, 1).copy_(fixed);
+          f32_fixed_data_ = f32_fixed_.data();
         }
         return;
       }
@@ -249,8 +250,13 @@ class TileGemm {
       }
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (use_brgemm_ && channels_last_) {
+        f32_gemm::gemm(tile.data, np, k_, tile.ld, f32_fixed_data_, f_cols_, f_cols_, c, ldc,
+                       accumulate);
+        return;
+      }
       if (use_brgemm_) {
-        f32_gemm::gemm(tile.data, np, k_, tile.ld, f32_b_data_, f_cols_, f_cols_, c, ldc,
+        f32_gemm::gemm(f32_fixed_data_, f_rows_, k_, f_cols_, tile.data, np, tile.ld, c, ldc,
                        accumulate);
         return;
       }
@@ -271,8 +277,8 @@ class TileGemm {
   at::Tensor fixed_acc_;             // MKL path: F in accumulation precision
   at::Tensor fixed_;                 // brgemm path, NCHW: F contiguous (bf16)
   bf16_gemm::PackedB packed_fixed_;  // brgemm path, channels_last: F packed
-  std::vector<float> f32_b_;          // float32 brgemm path: F copied row-major, or empty
-  const float* f32_b_data_ = nullptr;  // ... and where F is read
+  std::vector<float> f32_fixed_;           // float32 brgemm path: F copied row-major, or empty
+  const float* f32_fixed_data_ = nullptr;  // ... and where F is read
 };
 
 // Destination tables of one axis: src[dst], and (backward) the adjoint's ranges.
