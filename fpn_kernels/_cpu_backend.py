@@ -72,11 +72,10 @@ def details() -> str:
         text += " (built without OpenMP: the kernels' tiles run one after another)"
     # float32 (and float64) tiles go through at::mm, i.e. MKL's sgemm, which picks its own
     # kernel by ISA; torch's dispatch level says which ISA this CPU offers it. float32 GEMMs
-    # take oneDNN's brgemm instead on AVX-512 CPUs without AMX, all but the NCHW grad_weight
-    # (csrc/cpu/f32_gemm.h).
+    # take oneDNN's brgemm instead on AVX-512 CPUs without AMX (csrc/cpu/f32_gemm.h).
     mkl = f"at::mm (MKL, {torch.backends.cpu.get_cpu_capability()} on this CPU)"
     if torch.ops.fpn_kernels.cpu_f32_brgemm():
-        text += f"; float32 GEMMs via oneDNN's brgemm, the NCHW grad_weight via {mkl}"
+        text += f"; float32 GEMMs via oneDNN's brgemm (AVX-512), float64/float16 via {mkl}"
     else:
         text += f"; float32 GEMMs via {mkl}"
     isa = _bf16_gemm_isa()

@@ -1,8 +1,8 @@
 """The cpu backend's float32 GEMMs on oneDNN's brgemm (csrc/cpu/f32_gemm.h): on exactly the
 CPUs with AVX-512 but no AMX, with oneDNN enabled; right against eager in both passes and both
-layouts (forward and grad_lateral tiles in both, channels_last grad_weight panels; the NCHW
-grad_weight stays on MKL), close to the MKL path every other machine runs
-(``mkldnn_enabled(False)`` selects it here), and of fixed bits whatever the thread count."""
+layouts (forward and grad_lateral tiles, grad_weight panels), close to the MKL path every other
+machine runs (``mkldnn_enabled(False)`` selects it here), and of fixed bits whatever the thread
+count."""
 
 from __future__ import annotations
 
@@ -40,16 +40,16 @@ def test_brgemm_path_is_on_exactly_where_the_cpu_has_avx512_but_no_amx():
         assert not f32_brgemm()
         assert "float32 GEMMs via at::mm (MKL" in fpn_kernels.backend_report()
     if want:
-        assert "float32 GEMMs via oneDNN's brgemm, the NCHW grad_weight via at::mm" in (
-            fpn_kernels.backend_report())
+        assert "float32 GEMMs via oneDNN's brgemm (AVX-512)" in fpn_kernels.backend_report()
 
 
 # (n, c_in, c_out, out_hw, top_hw): R50 channel counts at small sizes, and tails in every block
 # of the ukernel calls and transposes (channels_last: 64-row blocks of pixels, 128-column
 # blocks of C_out / C_in: 200 = 128 + 72; NCHW: 64-row blocks of C_out / C_in, 200 = 3 x 64 +
 # 8, 128-column blocks of a tile's pixels, 975 = 7 x 128 + 79 and 195 = 128 + 67; grad_weight's
-# 128-row blocks and 256-pixel panels: 2 x 2145 = 16 x 256 + 194 pixels, 16 x 16 transposes
-# with 2- and 8-wide edges), C_in 2 (k = 2).
+# 256-pixel panels, channels_last: 128-row blocks, 2 x 2145 = 16 x 256 + 194 pixels; NCHW:
+# 128-column blocks of C_in, 2145 = 8 x 256 + 97 pixels per image; 16 x 16 transposes with 2-
+# and 8-wide edges), C_in 2 (k = 2).
 CASES = {
     "r50_p4_channels": (1, 1024, 256, (13, 76), (7, 38)),
     "tails": (2, 48, 200, (33, 65), (17, 33)),

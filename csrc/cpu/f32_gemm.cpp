@@ -11,14 +11,6 @@
 namespace fpn_kernels::f32_gemm {
 namespace cpublas = at::native::cpublas;
 
-namespace {
-// 64 rows x 128 columns per ukernel call: with k = 1024 the block's A rows (256 KiB) stay in L2
-// while B's 128 columns stream past them (64 x 128, 128 x 64 and 64 x 256 measured alike on
-// Zen 4; 64 x 128 the best of six shapes on Sapphire Rapids).
-constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 128;
-}  // namespace
-
 bool available() {
 #if defined(__x86_64__)
   // ATen's f32 brgemm itself runs from AVX2 on (below that it calls its BLAS); AVX-512 without

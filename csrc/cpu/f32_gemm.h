@@ -1,5 +1,5 @@
-// float32 GEMMs of the CPU kernels (forward and grad_lateral tiles in both layouts, the
-// channels_last grad_weight's panels) on oneDNN's brgemm ukernel (at::native::cpublas::brgemm, f32 x f32 -> f32: the
+// float32 GEMMs of the CPU kernels (forward and grad_lateral tiles, grad_weight panels, both
+// layouts) on oneDNN's brgemm ukernel (at::native::cpublas::brgemm, f32 x f32 -> f32: the
 // microkernel of the brgconv that eager's channels_last 1x1 convolution runs), on CPUs with
 // AVX-512 but no AMX (Zen 4), where MKL's sgemm runs ~15% below it. Measured against MKL
 // through at::mm on the same tiles, interleaved in one process (R50 levels, N = 2, 11 calls
@@ -14,7 +14,7 @@
 // (2026-12-07, interleaved in one process, 7-9 calls each, medians, MKL -> brgemm), forward /
 // grad_lateral: P4 22.7-24.7 -> 21.7-22.6 / 26.3-29.9 -> 20.3-21.1 ms, P3 46.6-50.4 ->
 // 42.2-44.6 / 45.0-52.0 -> 38.6-40.8, P2 91.3-97.3 -> 85.0-87.6 / 87.6-95.7 -> 78.7-80.7.
-// The NCHW grad_weight stays on MKL (grad_weight_kernel).
+// The NCHW grad_weight: at grad_weight_kernel_f32_brgemm_nchw.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +25,14 @@ namespace fpn_kernels::f32_gemm {
 // is enabled.
 bool available();
 
+// 64 rows x 128 columns of c per ukernel call: with k = 1024 the block's A rows (256 KiB) stay
+// in L2 while B's 128 columns stream past them (64 x 128, 128 x 64 and 64 x 256 measured alike
+// on Zen 4; 64 x 128 the best of six shapes on Sapphire Rapids). A gemm() on rows [r0, r0 + m)
+// and columns [c0, c0 + n) of a product, r0 a multiple of kBlockM and c0 of kBlockN, makes the
+// same ukernel calls on them as the gemm() of the whole product.
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 128;
+
 // c (m x n, row stride ldc) [+]= a (m x k, row stride lda) @ b (k x n, row stride ldb), all
 // fp32 row-major. Single-threaded, in fixed blocks of kBlockM x kBlockN: the bits depend on the
 // shapes alone.
@@ -32,8 +40,8 @@ void gemm(const float* a, int64_t m, int64_t k, int64_t lda, const float* b, int
           int64_t ldb, float* c, int64_t ldc, bool accumulate);
 
 // dst (cols x rows, row stride ld_dst) = src^T, src (rows x cols, row stride ld_src), fp32;
-// single-threaded. The channels_last grad_weight's A operand (grad_out^T: pixels along the
-// reduction). Only where available().
+// single-threaded. The grad_weight's transposed operand (pixels along the reduction):
+// channels_last grad_out's A, NCHW lateral's B. Only where available().
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst,
                int64_t ld_dst);
 
