@@ -543,6 +543,17 @@ int64_t longest_even_chunk(const Tiles& chunks) {
   return longest;
 }
 
+// grad_weight's rows [0, rows) in `count` groups of `size` rows (the last may be shorter), as
+// close to `wanted` groups as groups whose starts are multiples of `align` allow: a GEMM that
+// runs in blocks of `align` rows makes the same calls on a group as on all rows, so the bits do
+// not depend on how many groups the thread count asked for.
+struct RowGroups {
+  RowGroups(int64_t rows, int64_t wanted, int64_t align)
+      : size(((rows + wanted - 1) / wanted + align - 1) / align * align),
+        count((rows + size - 1) / size) {}
+  int64_t size, count;
+};
+
 // grad_weight (below) for bfloat16 on the brgemm (bf16_gemm): per chunk of pixels, the even
 // part [p0, p0 + k) is one GEMM on bf16 operands (the ukernel multiplies pairs along the
 // reduction), an odd last pixel a rank-1 fp32 update. A is grad_chunk (C_out, k) row-major, B
@@ -574,9 +585,9 @@ struct GradWeightOwners {
       column_owners = std::min(blocks, threads);
       wanted_row_groups = std::clamp<int64_t>(threads / column_owners, 1, row_blocks);
     }
-    rows_per_group = ((c_out + wanted_row_groups - 1) / wanted_row_groups + kRowAlign - 1) /
-                     kRowAlign * kRowAlign;
-    row_groups = (c_out + rows_per_group - 1) / rows_per_group;
+    const RowGroups groups(c_out, wanted_row_groups, kRowAlign);
+    rows_per_group = groups.size;
+    row_groups = groups.count;
   }
   // Runs body(r0, rows, first_block) once per owner, on the intra-op threads; the owner's
   // column blocks are first_block, first_block + column_owners, ... below `blocks`.
@@ -675,9 +686,8 @@ constexpr int64_t kGradWeightRows = 128;
 constexpr int64_t kGradWeightPanel = 256;
 
 void grad_weight_kernel_f32_brgemm(const Shape& s, const float* grad_out, const float* lateral,
-                                   at::Tensor& weight_acc) {
+                                   float* acc) {
   const int64_t pixels = s.n * s.pixels();  // channels_last: the images' pixels, one run
-  float* acc = weight_acc.mutable_data_ptr<float>();
   parallel_tasks((s.c_out + kGradWeightRows - 1) / kGradWeightRows, [&](int64_t task) {
     const int64_t o0 = task * kGradWeightRows, rows = std::min(kGradWeightRows, s.c_out - o0);
     thread_local std::vector<float> panel;  // outside ATen's allocator, reused by later calls
@@ -710,17 +720,15 @@ void grad_weight_kernel_f32_brgemm_nchw(const Shape& s, const float* grad_out,
   if (s.c_in == 0 || s.c_out == 0) return;  // an empty grad_weight: no tasks
   const int64_t hw = s.pixels();
   const int64_t column_blocks = (s.c_in + kCols - 1) / kCols;
-  const int64_t wanted_row_groups =
+  const RowGroups row_groups(
+      s.c_out,
       std::clamp<int64_t>((at::get_num_threads() + column_blocks - 1) / column_blocks, 1,
-                          (s.c_out + kRowAlign - 1) / kRowAlign);
-  const int64_t rows_per_group =
-      ((s.c_out + wanted_row_groups - 1) / wanted_row_groups + kRowAlign - 1) / kRowAlign *
-      kRowAlign;
-  const int64_t row_groups = (s.c_out + rows_per_group - 1) / rows_per_group;
-  parallel_tasks(column_blocks * row_groups, [&](int64_t task) {
+                          (s.c_out + kRowAlign - 1) / kRowAlign),
+      kRowAlign);
+  parallel_tasks(column_blocks * row_groups.count, [&](int64_t task) {
     const int64_t i0 = task % column_blocks * kCols, cols = std::min(kCols, s.c_in - i0);
-    const int64_t o0 = task / column_blocks * rows_per_group;
-    const int64_t rows = std::min(rows_per_group, s.c_out - o0);
+    const int64_t o0 = task / column_blocks * row_groups.size;
+    const int64_t rows = std::min(row_groups.size, s.c_out - o0);
     thread_local std::vector<float> panel;  // outside ATen's allocator, reused by later calls
     panel.resize(std::max<size_t>(panel.size(), kGradWeightPanel * kCols));
     for (int64_t n = 0; n < s.n; ++n) {
@@ -737,11 +745,12 @@ void grad_weight_kernel_f32_brgemm_nchw(const Shape& s, const float* grad_out,
 }
 
 // grad_weight (C_out, C_in) = sum over pixel chunks, in order, of grad_chunk (C_out, P) @
-// lateral_chunk^T (P, C_in), where no brgemm above takes it. Each chunk's GEMM is called from this thread and uses MKL's own
-// threads over the (C_out, C_in) output. The chunk order is fixed and small outputs take
-// matmul's fixed reduction slices, so the bits do not depend on the thread count. (A per-thread
-// split of the chunks was once measured ~2.5x slower, but in a build whose at::parallel_for ran
-// serially (no OpenMP, see setup.py): that comparison is worth redoing.)
+// lateral_chunk^T (P, C_in), where no brgemm above takes it. Each chunk's GEMM is called from
+// this thread and uses MKL's own threads over the (C_out, C_in) output. The chunk order is
+// fixed and small outputs take matmul's fixed reduction slices, so the bits do not depend on
+// the thread count. (A per-thread split of the chunks was once measured ~2.5x slower, but in a
+// build whose at::parallel_for ran serially (no OpenMP, see setup.py): that comparison is
+// worth redoing.)
 template <typename scalar_t>
 void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* lateral,
                         at::Tensor& weight_acc, bool channels_last) {
@@ -754,11 +763,11 @@ void grad_weight_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (f32_gemm::available()) {
+      float* acc = weight_acc.mutable_data_ptr<float>();
       if (channels_last) {
-        grad_weight_kernel_f32_brgemm(s, grad_out, lateral, weight_acc);
+        grad_weight_kernel_f32_brgemm(s, grad_out, lateral, acc);
       } else {
-        grad_weight_kernel_f32_brgemm_nchw(s, grad_out, lateral,
-                                           weight_acc.mutable_data_ptr<float>());
+        grad_weight_kernel_f32_brgemm_nchw(s, grad_out, lateral, acc);
       }
       return;
     }
