@@ -1,6 +1,7 @@
 #include "cpu/bf16_gemm.h"
 
 #include "cpu/avx512_transpose.h"
+#include "cpu/block_order.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -173,15 +174,7 @@ void gemm(const c10::BFloat16* a, int64_t m, int64_t lda, const PackedB& b, floa
                     a + i * kBlockM * lda, b.block(j), c + i * kBlockM * ldc + j * PackedB::kBlockN,
                     /*is_vnni=*/true);
   };
-  // The larger operand is walked once, block by block; each of its blocks meets every block of
-  // the smaller one, which stays in L2.
-  if (m >= b.n()) {
-    for (int64_t i = 0; i < row_blocks; ++i)
-      for (int64_t j = 0; j < col_blocks; ++j) block(i, j);
-  } else {
-    for (int64_t j = 0; j < col_blocks; ++j)
-      for (int64_t i = 0; i < row_blocks; ++i) block(i, j);
-  }
+  for_each_block(m, b.n(), row_blocks, col_blocks, block);
   // Leave no AMX tile state to the thread (a no-op without AMX).
   cpublas::brgemm_release(/*is_vnni=*/true);
 }

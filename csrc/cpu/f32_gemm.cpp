@@ -1,6 +1,7 @@
 #include "cpu/f32_gemm.h"
 
 #include "cpu/avx512_transpose.h"
+#include "cpu/block_order.h"
 
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
@@ -25,12 +26,12 @@ bool available() {
 
 void gemm(const float* a, int64_t m, int64_t k, int64_t lda, const float* b, int64_t n,
           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t i = 0; i < m; i += kBlockM) {
-    for (int64_t j = 0; j < n; j += kBlockN) {
-      cpublas::brgemm(std::min(kBlockM, m - i), std::min(kBlockN, n - j), k, lda, ldb, ldc,
-                      accumulate, a + i * lda, b + j, c + i * ldc + j, /*is_vnni=*/false);
-    }
-  }
+  const auto block = [&](int64_t i, int64_t j) {
+    const int64_t r0 = i * kBlockM, c0 = j * kBlockN;
+    cpublas::brgemm(std::min(kBlockM, m - r0), std::min(kBlockN, n - c0), k, lda, ldb, ldc,
+                    accumulate, a + r0 * lda, b + c0, c + r0 * ldc + c0, /*is_vnni=*/false);
+  };
+  for_each_block(m, n, (m + kBlockM - 1) / kBlockM, (n + kBlockN - 1) / kBlockN, block);
 }
 
 #if defined(__x86_64__)

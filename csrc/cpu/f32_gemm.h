@@ -34,8 +34,8 @@ constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 128;
 
 // c (m x n, row stride ldc) [+]= a (m x k, row stride lda) @ b (k x n, row stride ldb), all
-// fp32 row-major. Single-threaded, in fixed blocks of kBlockM x kBlockN: the bits depend on the
-// shapes alone.
+// fp32 row-major. Single-threaded, in fixed blocks of kBlockM x kBlockN (visited in
+// for_each_block's order, block_order.h): the bits depend on the shapes alone.
 void gemm(const float* a, int64_t m, int64_t k, int64_t lda, const float* b, int64_t n,
           int64_t ldb, float* c, int64_t ldc, bool accumulate);
 
