@@ -2,6 +2,7 @@
 
 #include "cpu/avx512_transpose.h"
 #include "cpu/block_order.h"
+#include "cpu/prefetch.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -27,13 +28,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // on the Zen 4 EPYC (2026-12-06, interleaved, 21 calls each; the pack's prefetch alone 48.8
 // and 23.2), whose prefetchers did not follow these strides. Same bits.
 constexpr int64_t kPrefetchRows = 16;
-
-// Asks for the cache lines of [row, row + bytes) (a hint: no fault, no effect on results).
-void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t line = 0; line < bytes; line += 64) {
-    __builtin_prefetch(static_cast<const char*>(row) + line);
-  }
-}
 }  // namespace
 
 namespace {
