@@ -161,17 +161,22 @@ struct AccTile {
       ld = cols;
     }
   }
-  void store() const {
+  void store() const { store_rows(0, rows, nullptr, 0); }
+  // store() of the rows [r0, r1) alone; with `next` (bfloat16 on AVX-512), asks for one row of
+  // `next_bytes` at `next` (rows `next_bytes` apart) per row stored (TileGemm::step_rows).
+  void store_rows(int64_t r0, int64_t r1, const void* next, int64_t next_bytes) const {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (avx512) {
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = r0; r < r1; ++r) {
+          if (next) prefetch_row(static_cast<const char*>(next) + (r - r0) * next_bytes, next_bytes);
           bf16_gemm::round_to_bf16(data + r * ld, out.data + r * out.ld, cols);
         }
         return;
       }
     }
     if constexpr (!kAccumulatesInPlace<scalar_t>) {
-      view2d(out.data, rows, cols, out.ld, 1).copy_(view2d(data, rows, cols, ld, 1));
+      view2d(out.data + r0 * out.ld, r1 - r0, cols, out.ld, 1)
+          .copy_(view2d(data + r0 * ld, r1 - r0, cols, ld, 1));
     }
   }
   Tile<scalar_t> out;
@@ -247,7 +252,13 @@ class TileGemm {
   // each, medians, whole tiles -> steps: fp32 P4 18.7 -> 18.5 ms, P3 37.7 -> 36.9, P2 78.8 ->
   // 75.1; bf16 P4 and P3 within 0.5%, P2 43.7 -> 41.2). The steps are whole row blocks of both
   // GEMMs, so their ukernel calls and bits are the tile's. AMX CPUs (bf16) keep whole tiles:
-  // not measured there.
+  // not measured there. The bf16 channels_last grad_lateral (steps_grad_lateral) runs in the
+  // same steps, each step's rounding stores asking for the next step's grad_out rows: P4
+  // 10.0 -> 10.0 ms, P3 20.2 -> 19.6, P2 42.3 -> 40.0 (same conditions); the fp32 one, whose
+  // GEMM writes grad_lateral itself, has no stores to hide them among and keeps whole tiles.
+  bool steps_grad_lateral() const {
+    return std::is_same_v<scalar_t, at::BFloat16> && step_rows() > 0;
+  }
   int64_t step_rows() const {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (use_brgemm_ && channels_last_) return kStepRows;
@@ -555,9 +566,23 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
     const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
     const AccTile<scalar_t> sum(pixel_tile(grad_lateral_data, n, p0, s.c_in, hw, channels_last),
                                 np, s.c_in, channels_last, gemm.uses_brgemm());
-    gemm.run(pixel_tile(grad_out, n, p0, s.c_out, hw, channels_last), np, sum.data, sum.ld,
-             /*accumulate=*/false);
-    sum.store();
+    if (!channels_last || !gemm.steps_grad_lateral()) {
+      gemm.run(pixel_tile(grad_out, n, p0, s.c_out, hw, channels_last), np, sum.data, sum.ld,
+               /*accumulate=*/false);
+      sum.store();
+      return;
+    }
+    // In steps (TileGemm::step_rows): a step's rounding stores ask for the next step's rows of
+    // grad_out, the A its GEMM reads.
+    const int64_t step = gemm.step_rows();
+    for (int64_t r = 0; r < np; r += step) {
+      const int64_t rows_here = std::min(step, np - r);
+      gemm.run(pixel_tile(grad_out, n, p0 + r, s.c_out, hw, true), rows_here,
+               sum.data + r * sum.ld, sum.ld, /*accumulate=*/false);
+      const scalar_t* next = grad_out + (n * hw + p0 + r + step) * s.c_out;
+      sum.store_rows(r, r + rows_here, r + step < np ? next : nullptr,
+                     s.c_out * int64_t(sizeof(scalar_t)));
+    }
   });
 }
 
