@@ -6,7 +6,9 @@
 // (2026-12-07, R50 levels, N = 2, interleaved in one process, 20 calls each, medians, rows
 // always first -> this order): the NCHW forward (A the weight, 256 rows; B the tile, 988
 // columns) P4 20.7 -> 20.1 ms, P3 39.6 -> 38.6, P2 84.0 -> 82.1; the NCHW grad_lateral P3 38.1
-// -> 37.4, P2 77.4 -> 76.1; the channels_last ones (A the tile, the larger) unchanged.
+// -> 37.4, P2 77.4 -> 76.1. The order changed too, and the times did not, for the fp32
+// channels_last grad_lateral at P4 (988-pixel tiles against C_in = 1024 columns), the fp32
+// channels_last grad_weight's 128-row tasks and the channels_last forward's 64-pixel steps.
 #pragma once
 
 #include <cstdint>

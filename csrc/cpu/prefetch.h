@@ -1,7 +1,8 @@
 // Software prefetch of a row of a strided operand, for the loops whose hardware prefetchers do
 // not run ahead of them on the Zen 4 EPYC: bf16_gemm's packs and transposes (rows a pixel's
-// channels apart) and the channels_last forward's lateral rows (asked for by the prologue,
-// before the GEMM reads them; upsample_add_conv1x1_cpu.cpp).
+// channels apart), the channels_last forward's lateral rows (asked for by the prologue, before
+// the GEMM reads them) and the bf16 channels_last grad_lateral's grad_out rows (asked for by
+// the previous step's rounding stores; TileGemm::step_rows in upsample_add_conv1x1_cpu.cpp).
 #pragma once
 
 #include <cstdint>

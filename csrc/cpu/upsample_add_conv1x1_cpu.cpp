@@ -9,6 +9,9 @@
 //      the bf16 tiles (csrc/cpu/bf16_gemm.h). Otherwise half/bfloat16 operands go through fp32
 //      copies of the tiles (C_in*P conversions against 2*C_out*C_in*P flops). A half/bfloat16
 //      sum is built in an fp32 tile and rounded once into the output.
+//   Where a channels_last tile's GEMM runs on the AVX-512 brgemm without AMX, 1 and 2 take
+//   turns in 64-pixel steps (TileGemm::step_rows: the prologue asks for the step's lateral
+//   rows); the same ukernel calls, so the same bits.
 // The output is the only output-sized allocation (from csrc/cpu/output_cache: memory a dead
 // output of an earlier call left mapped).
 //
@@ -161,14 +164,18 @@ struct AccTile {
       ld = cols;
     }
   }
-  void store() const { store_rows(0, rows, nullptr, 0); }
-  // store() of the rows [r0, r1) alone; with `next` (bfloat16 on AVX-512), asks for one row of
-  // `next_bytes` at `next` (rows `next_bytes` apart) per row stored (TileGemm::step_rows).
-  void store_rows(int64_t r0, int64_t r1, const void* next, int64_t next_bytes) const {
+  void store() const { store_rows(0, rows, nullptr, 0, 0); }
+  // store() of the rows [r0, r1) alone; with `next` (bfloat16 on AVX-512), asks for the first
+  // `next_rows` rows of `next_bytes` at `next` (contiguous rows), one per row stored
+  // (TileGemm::step_rows).
+  void store_rows(int64_t r0, int64_t r1, const void* next, int64_t next_rows,
+                  int64_t next_bytes) const {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (avx512) {
         for (int64_t r = r0; r < r1; ++r) {
-          if (next) prefetch_row(static_cast<const char*>(next) + (r - r0) * next_bytes, next_bytes);
+          if (next && r - r0 < next_rows) {
+            prefetch_row(static_cast<const char*>(next) + (r - r0) * next_bytes, next_bytes);
+          }
           bf16_gemm::round_to_bf16(data + r * ld, out.data + r * out.ld, cols);
         }
         return;
@@ -206,9 +213,15 @@ class TileGemm {
         k_(channels_last ? fixed.size(0) : fixed.size(1)),
         f_rows_(fixed.size(0)),
         f_cols_(fixed.size(1)) {
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) use_brgemm_ = bf16_gemm::usable(k_);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      use_brgemm_ = bf16_gemm::usable(k_);
+      if (use_brgemm_ && channels_last && bf16_gemm::isa() == bf16_gemm::Isa::kAvx512Bf16) {
+        step_rows_ = kStepRows;
+      }
+    }
     if constexpr (std::is_same_v<scalar_t, float>) {
       use_brgemm_ = k_ > 0 && f32_gemm::available();
+      if (use_brgemm_ && channels_last) step_rows_ = kStepRows;
       if (use_brgemm_) {
         // F row-major (channels_last: the B operand, NCHW: the A operand): the weight in place
         // (channels_last grad_lateral, NCHW forward); its transpose copied into f32_fixed_,
@@ -256,19 +269,9 @@ class TileGemm {
   // same steps, each step's rounding stores asking for the next step's grad_out rows: P4
   // 10.0 -> 10.0 ms, P3 20.2 -> 19.6, P2 42.3 -> 40.0 (same conditions); the fp32 one, whose
   // GEMM writes grad_lateral itself, has no stores to hide them among and keeps whole tiles.
+  int64_t step_rows() const { return step_rows_; }
   bool steps_grad_lateral() const {
-    return std::is_same_v<scalar_t, at::BFloat16> && step_rows() > 0;
-  }
-  int64_t step_rows() const {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (use_brgemm_ && channels_last_) return kStepRows;
-    }
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (use_brgemm_ && channels_last_ && bf16_gemm::isa() == bf16_gemm::Isa::kAvx512Bf16) {
-        return kStepRows;
-      }
-    }
-    return 0;
+    return std::is_same_v<scalar_t, at::BFloat16> && step_rows_ > 0;
   }
 
   void run(Tile<const scalar_t> tile, int64_t np, acc_t<scalar_t>* c, int64_t ldc,
@@ -313,6 +316,7 @@ class TileGemm {
   bool channels_last_;
   int64_t k_, f_rows_, f_cols_;
   bool use_brgemm_ = false;
+  int64_t step_rows_ = 0;  // step_rows(), fixed with use_brgemm_ at construction
   at::Tensor fixed_acc_;             // MKL path: F in accumulation precision
   at::Tensor fixed_;                 // brgemm path, NCHW: F contiguous (bf16)
   bf16_gemm::PackedB packed_fixed_;  // brgemm path, channels_last: F packed
@@ -505,7 +509,7 @@ void forward_kernel(const Shape& s, const scalar_t* lateral, const at::Tensor& w
       const Tile<const scalar_t> lateral_rows = pixel_tile(lateral, n, p0 + r, s.c_in, hw, true);
       prologue_channels_last<scalar_t>(s, n, p0 + r, rows_here, sum.data + r * sum.ld, bias_acc,
                                        top, rows, cols, gemm.uses_brgemm(),
-                                       step < np ? lateral_rows.data : nullptr);
+                                       gemm.step_rows() ? lateral_rows.data : nullptr);
       gemm.run(lateral_rows, rows_here, sum.data + r * sum.ld, sum.ld, /*accumulate=*/true);
     }
     sum.store();
@@ -566,7 +570,7 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
     const int64_t n = tiles.image(task), p0 = tiles.start(task), np = tiles.length(task);
     const AccTile<scalar_t> sum(pixel_tile(grad_lateral_data, n, p0, s.c_in, hw, channels_last),
                                 np, s.c_in, channels_last, gemm.uses_brgemm());
-    if (!channels_last || !gemm.steps_grad_lateral()) {
+    if (!gemm.steps_grad_lateral()) {  // (steps imply channels_last)
       gemm.run(pixel_tile(grad_out, n, p0, s.c_out, hw, channels_last), np, sum.data, sum.ld,
                /*accumulate=*/false);
       sum.store();
@@ -579,9 +583,10 @@ void grad_lateral_kernel(const Shape& s, const scalar_t* grad_out, const at::Ten
       const int64_t rows_here = std::min(step, np - r);
       gemm.run(pixel_tile(grad_out, n, p0 + r, s.c_out, hw, true), rows_here,
                sum.data + r * sum.ld, sum.ld, /*accumulate=*/false);
-      const scalar_t* next = grad_out + (n * hw + p0 + r + step) * s.c_out;
-      sum.store_rows(r, r + rows_here, r + step < np ? next : nullptr,
-                     s.c_out * int64_t(sizeof(scalar_t)));
+      const int64_t next_rows = std::max<int64_t>(0, std::min(step, np - (r + step)));
+      const scalar_t* next =
+          next_rows > 0 ? pixel_tile(grad_out, n, p0 + r + step, s.c_out, hw, true).data : nullptr;
+      sum.store_rows(r, r + rows_here, next, next_rows, s.c_out * int64_t(sizeof(scalar_t)));
     }
   });
 }
