@@ -86,12 +86,7 @@ c10::BFloat16* PackedB::reserve(int64_t k, int64_t n) {
   k_ = k;
   n_ = n;
   block_elems_ = k * kBlockN;  // k is even (usable()): no padding row
-  const int64_t need = ceil_div(n, kBlockN) * block_elems_;
-  if (capacity_ < need) {
-    data_ = std::make_unique_for_overwrite<c10::BFloat16[]>(need);
-    capacity_ = need;
-  }
-  return data_.get();
+  return data_.get(ceil_div(n, kBlockN) * block_elems_);
 }
 
 void PackedB::pack(const c10::BFloat16* b, int64_t k, int64_t n, int64_t ldb) {

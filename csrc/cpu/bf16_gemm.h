@@ -8,10 +8,11 @@
 // VDPBF16PS, forward, same run conditions).
 #pragma once
 
+#include "cpu/scratch_buffer.h"
+
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
-#include <memory>
 
 namespace fpn_kernels::bf16_gemm {
 
@@ -41,12 +42,12 @@ class PackedB {
   void pack_transposed(const c10::BFloat16* bt, int64_t k, int64_t n, int64_t ld_bt);
   int64_t k() const { return k_; }
   int64_t n() const { return n_; }
-  const c10::BFloat16* block(int64_t j) const { return data_.get() + j * block_elems_; }
+  const c10::BFloat16* block(int64_t j) const { return data_.data() + j * block_elems_; }
 
  private:
   c10::BFloat16* reserve(int64_t k, int64_t n);
-  std::unique_ptr<c10::BFloat16[]> data_;
-  int64_t capacity_ = 0, block_elems_ = 0, k_ = 0, n_ = 0;
+  ScratchBuffer<c10::BFloat16> data_;
+  int64_t block_elems_ = 0, k_ = 0, n_ = 0;
 };
 
 // Rows of `a` per ukernel call in gemm(): 32 x k of A stays in L1/L2 while it meets every

@@ -46,6 +46,7 @@
 #include "cpu/f32_gemm.h"
 #include "cpu/output_cache.h"
 #include "cpu/prefetch.h"
+#include "cpu/scratch_buffer.h"
 
 namespace fpn_kernels {
 namespace {
@@ -152,15 +153,8 @@ struct AccTile {
       data = out.data;
       ld = out.ld;
     } else {
-      // Per thread and reused by its next tiles and calls (a tile's worth of fp32, 1 MiB at
-      // C = 256), instead of a fresh buffer per tile.
-      thread_local std::unique_ptr<float[]> scratch;
-      thread_local int64_t capacity = 0;
-      if (capacity < rows * cols) {
-        scratch = std::make_unique_for_overwrite<float[]>(rows * cols);
-        capacity = rows * cols;
-      }
-      data = scratch.get();
+      thread_local ScratchBuffer<float> scratch;  // a tile's fp32 sum, 1 MiB at C = 256
+      data = scratch.get(rows * cols);
       ld = cols;
     }
   }
@@ -711,9 +705,9 @@ void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
   const int64_t longest = channels_last ? longest_even_chunk(chunks) : 0;
   owners.run([&](int64_t r0, int64_t rows, int64_t first_block) {
     // channels_last: this owner's rows of grad_chunk^T (rows, k). Both kept for later calls.
-    thread_local std::vector<at::BFloat16> grad_t;
+    thread_local ScratchBuffer<at::BFloat16> grad_t_buffer;
     thread_local bf16_gemm::PackedB packed;
-    grad_t.resize(std::max<size_t>(grad_t.size(), rows * longest));
+    at::BFloat16* grad_t = grad_t_buffer.get(rows * longest);
     for (int64_t chunk = 0; chunk < s.n * chunks.per_image; ++chunk) {
       const int64_t n = chunks.image(chunk), p0 = chunks.start(chunk), np = chunks.length(chunk);
       const int64_t k = np & ~int64_t(1);
@@ -729,8 +723,8 @@ void grad_weight_kernel_brgemm(const Shape& s, const at::BFloat16* grad_out,
       } else {
         const at::BFloat16* grad_rows = grad_out + (n * hw + p0) * s.c_out + r0;  // (np, rows)
         lateral_chunk = lateral + (n * hw + p0) * s.c_in;  // (np, C_in)
-        if (k > 0) bf16_gemm::transpose(grad_rows, k, rows, s.c_out, grad_t.data(), k);
-        a = grad_t.data(), lda = k;
+        if (k > 0) bf16_gemm::transpose(grad_rows, k, rows, s.c_out, grad_t, k);
+        a = grad_t, lda = k;
         grad_step = lateral_step = 1;
         grad_odd = grad_rows + k * s.c_out, lateral_odd = lateral_chunk + k * s.c_in;
       }
@@ -772,12 +766,12 @@ void grad_weight_kernel_f32_brgemm(const Shape& s, const float* grad_out, const 
   const int64_t pixels = s.n * s.pixels();  // channels_last: the images' pixels, one run
   parallel_tasks((s.c_out + kGradWeightRows - 1) / kGradWeightRows, [&](int64_t task) {
     const int64_t o0 = task * kGradWeightRows, rows = std::min(kGradWeightRows, s.c_out - o0);
-    thread_local std::vector<float> panel;  // outside ATen's allocator, reused by later calls
-    panel.resize(rows * kGradWeightPanel);
+    thread_local ScratchBuffer<float> panel_buffer;
+    float* panel = panel_buffer.get(rows * kGradWeightPanel);
     for (int64_t p0 = 0; p0 < pixels; p0 += kGradWeightPanel) {
       const int64_t k = std::min(kGradWeightPanel, pixels - p0);
-      f32_gemm::transpose(grad_out + p0 * s.c_out + o0, k, rows, s.c_out, panel.data(), k);
-      f32_gemm::gemm(panel.data(), rows, k, k, lateral + p0 * s.c_in, s.c_in, s.c_in,
+      f32_gemm::transpose(grad_out + p0 * s.c_out + o0, k, rows, s.c_out, panel, k);
+      f32_gemm::gemm(panel, rows, k, k, lateral + p0 * s.c_in, s.c_in, s.c_in,
                      acc + o0 * s.c_in, s.c_in, /*accumulate=*/true);
     }
   });
@@ -811,15 +805,15 @@ void grad_weight_kernel_f32_brgemm_nchw(const Shape& s, const float* grad_out,
     const int64_t i0 = task % column_blocks * kCols, cols = std::min(kCols, s.c_in - i0);
     const int64_t o0 = task / column_blocks * row_groups.size;
     const int64_t rows = std::min(row_groups.size, s.c_out - o0);
-    thread_local std::vector<float> panel;  // outside ATen's allocator, reused by later calls
-    panel.resize(std::max<size_t>(panel.size(), kGradWeightPanel * kCols));
+    thread_local ScratchBuffer<float> panel_buffer;
+    float* panel = panel_buffer.get(kGradWeightPanel * kCols);
     for (int64_t n = 0; n < s.n; ++n) {
       const float* grad_rows = grad_out + (n * s.c_out + o0) * hw;  // (rows, hw)
       const float* lateral_rows = lateral + (n * s.c_in + i0) * hw;  // (cols, hw)
       for (int64_t p0 = 0; p0 < hw; p0 += kGradWeightPanel) {
         const int64_t k = std::min(kGradWeightPanel, hw - p0);
-        f32_gemm::transpose(lateral_rows + p0, cols, k, hw, panel.data(), cols);
-        f32_gemm::gemm(grad_rows + p0, rows, k, hw, panel.data(), cols, cols,
+        f32_gemm::transpose(lateral_rows + p0, cols, k, hw, panel, cols);
+        f32_gemm::gemm(grad_rows + p0, rows, k, hw, panel, cols, cols,
                        acc + o0 * s.c_in + i0, s.c_in, /*accumulate=*/true);
       }
     }
