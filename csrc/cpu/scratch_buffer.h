@@ -1,7 +1,9 @@
 // Scratch memory of the CPU kernels that only grows: the fp32 sums of half/bfloat16 tiles, the
-// transposed and packed GEMM operands. Held `thread_local` where it is used, so a thread's next
-// tiles and calls reuse it instead of a fresh, page-faulting buffer each time; it stays outside
-// ATen's allocator, so a call's only allocation in torch's memory profile is its output.
+// transposed and packed GEMM operands (bf16_gemm::PackedB's storage). The per-tile and
+// per-chunk ones are held `thread_local` where they are used, so a thread's next tiles and
+// calls reuse them instead of a fresh, page-faulting buffer each time; the weight packed once
+// per call (TileGemm's packed_fixed_) lives as long as the call. All of it stays outside ATen's
+// allocator, so a call's only allocation in torch's memory profile is its output.
 #pragma once
 
 #include <cstdint>
