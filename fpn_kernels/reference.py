@@ -88,14 +88,44 @@ def source_pixel_map(
     return mapped[0, 0].reshape(-1).long()
 
 
+# Elements per fp32 widening in upsample_adjoint: 4 MB, which glibc's allocator serves again
+# from its heap instead of fresh pages.
+_WIDEN_CHUNK = 1 << 20
+
+
 def upsample_adjoint(grad_out: Tensor, top_hw: Sequence[int], src: Tensor) -> Tensor:
     """grad_top: the exact adjoint of the forward gather ``src`` (:func:`source_pixel_map`):
-    each top pixel sums the output pixels that read it. Eager's own upsample backward is not
-    always that adjoint (its CUDA backward uses another formula; its CPU backward always uses the
-    vectorized kernel's indices), so the spec derives it from the forward mapping."""
-    n, c = grad_out.shape[:2]
+    each top pixel sums the output pixels that read it, in fp32 (fp64 for fp64), in the order of
+    the output pixels, then rounds once. Eager's own upsample backward is not always that
+    adjoint (its CUDA backward uses another formula; its CPU backward always uses the vectorized
+    kernel's indices), so the spec derives it from the forward mapping.
+
+    One ``index_add_`` over the pixels, in the layout ``grad_out`` has: a channels_last
+    gradient adds whole rows of channels per pixel, image by image (through NCHW views, a
+    scatter of one pixel at a time, it took 179-197 ms at R50's P2 in bf16, now 8.3, ATen's
+    upsample backward 6-10; Zen 4, 2026-12-08); the
+    widening to fp32 goes in chunks of ~1M elements, whose buffers the allocator reuses (one
+    fp32 copy of a P2 gradient, 124 MB of fresh pages, took 37 ms). Chunks of pixels or
+    channels keep every sum's order, so the bits are those of one ``index_add_`` of the whole
+    fp32 gradient."""
+    n, c, h, w = grad_out.shape
+    top_h, top_w = top_hw
     acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    grad_top = torch.zeros(n, c, top_hw[0] * top_hw[1], dtype=acc_dtype, device=grad_out.device)
-    pixels = grad_out.shape[2] * grad_out.shape[3]  # explicit: N may be 0
-    grad_top.index_add_(2, src, grad_out.reshape(n, c, pixels).to(acc_dtype))
-    return grad_top.reshape(n, c, *top_hw).to(grad_out.dtype)
+    pixels = h * w
+    if grad_out.is_contiguous(memory_format=torch.channels_last) and not grad_out.is_contiguous():
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n, pixels, c)  # a view
+        grad_top = torch.zeros(n, top_h * top_w, c, dtype=acc_dtype, device=grad_out.device)
+        rows = max(1, _WIDEN_CHUNK // max(1, c))
+        for image in range(n):
+            for p0 in range(0, pixels, rows):
+                grad_top[image].index_add_(0, src[p0:p0 + rows],
+                                           grad_rows[image, p0:p0 + rows].to(acc_dtype))
+        return grad_top.reshape(n, top_h, top_w, c).permute(0, 3, 1, 2).to(grad_out.dtype)
+    grad_planes = grad_out.reshape(n, c, pixels)
+    grad_top = torch.zeros(n, c, top_h * top_w, dtype=acc_dtype, device=grad_out.device)
+    channels = max(1, _WIDEN_CHUNK // max(1, n * pixels))
+    for c0 in range(0, c, channels):
+        grad_top[:, c0:c0 + channels].index_add_(2, src,
+                                                 grad_planes[:, c0:c0 + channels].to(acc_dtype))
+    return grad_top.reshape(n, c, top_h, top_w).to(grad_out.dtype)
+
