@@ -11,7 +11,7 @@ setup: $(STAMP) build
 # Re-run when this file changes (new test dependencies reach existing venvs too).
 $(STAMP): Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-benchmark hypothesis ruff mypy rich matplotlib \
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 ninja numpy pytest pytest-benchmark hypothesis ruff==0.17.6 mypy==2.4.1 rich matplotlib \
 		onnx onnxruntime onnxscript mmengine==0.10.7 mmdet==3.3.0 mmcv-lite==2.1.0
 	FPN_KERNELS_NO_EXTENSIONS=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
@@ -35,6 +35,7 @@ profile: setup
 
 lint: $(STAMP)
 	$(VPY) -m ruff check fpn_kernels tests benchmarks setup.py
+	$(VPY) -m mypy
 
 clean:
 	rm -rf build *.egg-info fpn_kernels/*.so

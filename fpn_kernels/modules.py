@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Optional, TypeVar
+from typing import Optional, Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from .ops import upsample_add_conv1x1
 
 __all__ = ["FusedFPN", "convert"]
 
-_Module = TypeVar("_Module", bound=nn.Module)
+_T = TypeVar("_T")
 
 
 def _check_backend(backend: object) -> str:
@@ -57,6 +57,17 @@ def _is_plain_1x1(conv: nn.Module) -> bool:
 
 
 _FOLDABLE_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+class _FixedAffineNorm(Protocol):
+    """What :func:`fused_lateral` reads from a norm that :func:`_is_fixed_affine_now` accepts:
+    a FrozenBatchNorm2d, or a BatchNorm that has running statistics."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor
+    running_var: Tensor
+    eps: float
 
 
 def _is_fixed_affine_now(norm: nn.Module) -> bool:
@@ -115,11 +126,12 @@ def fused_lateral(inner_block: nn.Module) -> tuple[Tensor, Tensor | None] | None
     if not foldable_structure(inner_block):
         return None
     conv, *norm = _layers(inner_block)
+    conv = cast(nn.Conv2d, conv)  # foldable_structure: type(conv) is nn.Conv2d
     if not norm:
         return conv.weight, conv.bias
     if not _is_fixed_affine_now(norm[0]):
         return None
-    n = norm[0]
+    n = cast(_FixedAffineNorm, norm[0])
     return fold_norm_into_conv(conv.weight, conv.bias, n.weight, n.bias, n.running_mean,
                                n.running_var, n.eps)
 
@@ -127,7 +139,7 @@ def fused_lateral(inner_block: nn.Module) -> tuple[Tensor, Tensor | None] | None
 # --------------------------------------------------------------------------- FusedFPN
 
 
-def _retyped(module: nn.Module, cls: type[_Module]) -> _Module:
+def _retyped(module: object, cls: type[_T]) -> _T:
     """A shallow copy of ``module`` whose class is ``cls``: the same submodules (so the same
     parameters and buffers, on the same device, in the same dtype), the same training flag and
     hooks; containers are copied so that later changes to one module leave the other alone."""

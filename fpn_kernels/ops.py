@@ -21,6 +21,7 @@ import math
 import numbers  # numpy scalars count as real scale factors, like in F.interpolate
 import sys
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -49,9 +50,11 @@ def _normalize_scale_factor(
     if scale_factor is None:
         return None
 
-    def is_real(s: object) -> bool:
+    def is_real(s: object) -> TypeGuard[numbers.Real]:
         return isinstance(s, numbers.Real) and not isinstance(s, bool)
 
+    # The caller's real numbers, then (below) the same values as floats.
+    pair: list[numbers.Real] | list[float]
     if is_real(scale_factor):
         pair = [scale_factor, scale_factor]
     elif (

@@ -20,8 +20,10 @@ def cudnn_conv_allows_tf32() -> bool:
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is None or not hasattr(conv, "fp32_precision"):  # torch < 2.9
         return bool(torch.backends.cudnn.allow_tf32)
+    # torch.backends replaces itself in sys.modules with a module object whose class defines
+    # fp32_precision (a property), so torch's stubs do not declare it.
     for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision,
-                      torch.backends.fp32_precision):
+                      torch.backends.fp32_precision):  # type: ignore[attr-defined]
         if precision != "none":
             return precision == "tf32"
     return False

@@ -174,8 +174,9 @@ def measure_level(level: Level, dtype: torch.dtype, layout: str, direction: str,
     backward = direction == "fwd+bwd"
     inputs = cases.make_inputs(level, dtype, channels_last, device, requires_grad=backward)
     grad_out = cases.make_grad_out(level, dtype, channels_last, device) if backward else None
-    steps = {name: cases.step(cases.make_impl(name, device), inputs, direction, grad_out)
-             for name in impl_names}
+    steps: dict[str, Callable[[], object]] = {
+        name: cases.step(cases.make_impl(name, device), inputs, direction, grad_out)
+        for name in impl_names}
     what = f"{level.name} {cases_label(dtype, layout, direction)}"
     outputs, first_s = _first_calls(steps, device, list(inputs), skipped, what)
     if EAGER not in outputs:
@@ -195,11 +196,11 @@ def _ratio(numerator: float | None, denominator: float) -> float | None:
 
 
 def make_rows(level_name: str, shape: dict | None, key: dict, timings: dict[str, dict],
-              errors: dict[str, float], work: dict[str, tuple[int, int] | None],
+              errors: dict[str, float], work: dict[str, tuple[int, int | None]],
               baseline: str, compiled: str, first_s: dict[str, float], *, peaks: Peaks,
               auto_backend: str | None = None) -> list[dict]:
     """One row per impl. ``timings[impl]``: ``Timing.as_dict()`` (or a sum's median_ms with
-    no percentiles); ``work[impl]`` = (GEMM FLOPs, model bytes), absent when unknown;
+    no percentiles); ``work[impl]`` = (GEMM FLOPs, model bytes or None), absent when unknown;
     ``auto_backend``: the backend ``backend="auto"`` picks for this level here."""
     base_ms = timings[baseline]["median_ms"]
     compile_ms = timings[compiled]["median_ms"] if compiled in timings else None
@@ -262,8 +263,8 @@ def measure_neck(batch: int, image_hw: tuple[int, int], dtype: torch.dtype, layo
         skipped.append(f"end-to-end neck: fpn_kernels.cli.neck_bench is not available ({exc})")
         return None
     torch._dynamo.reset()  # a fresh compile cache per configuration, as for the levels
-    steps = dict(neck_bench.neck_cases(batch, dtype, layout == "channels_last", device,
-                                       image_hw=image_hw))
+    steps: dict[str, Callable[[], object]] = dict(neck_bench.neck_cases(
+        batch, dtype, layout == "channels_last", device, image_hw=image_hw))
     if not use_compile:
         steps = {name: fn for name, fn in steps.items() if "compile" not in name}
     what = f"neck {cases_label(dtype, layout, 'fwd')}"
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace, live_progress: bool | None = None) -> dict:
     # Rows need the peaks, measured at the start and again at the end (a burst of load on a
     # shared machine only lowers a peak, so the better of the two counts): each configuration
     # keeps builders for its level rows and its neck rows until then.
-    groups: list[tuple[list[Callable[..., list[dict]]], Callable[..., list[dict]] | None]] = []
+    groups: list[tuple[list[partial[list[dict]]], partial[list[dict]] | None]] = []
     with Progress(steps_total, live_progress) as progress:
         progress.start("measuring the machine's GEMM and copy peaks")
         first_peaks = measure_peaks(device, list(dtypes.values()))
@@ -350,6 +351,7 @@ def run(args: argparse.Namespace, live_progress: bool | None = None) -> dict:
                     COMPILE, first_s, auto_backend=auto))
                 progress.advance()
             if neck and direction == "fwd":
+                assert image_hw is not None  # neck is set only with an image size
                 progress.start(f"end-to-end neck {cases_label(dtype, layout, direction)}")
                 measured = measure_neck(levels[0].n, image_hw, dtype, layout, device, policy,
                                         not args.no_compile, skipped)

@@ -226,6 +226,7 @@ def make_impl(name: str, device: str, compiler: str = "inductor") -> Impl:
         return torch.compile(upsample_add_conv1x1_reference, dynamic=False, backend=compiler,
                              **(compile_options(device) if compiler == "inductor" else {}))
     backend = backend_of(name)
+    assert backend is not None  # None only for the baselines, returned above
 
     def fused(lateral: Tensor, weight: Tensor, bias: Tensor | None, top: Tensor) -> Tensor:
         return upsample_add_conv1x1(lateral, weight, bias, top, backend=backend)

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -170,12 +171,13 @@ def _check_one(backend: str, device: str, precision: str, layout: str,
     dtype, tol = PRECISIONS[precision], TOLERANCES[precision]
 
     channels_last = layout == "channels_last"
-    kwargs = {"mode": case.mode, "scale_factor": case.scale_factor}
+    kwargs: dict[str, Any] = {"mode": case.mode, "scale_factor": case.scale_factor}
 
-    def leaves() -> list[Tensor | None]:
+    # A tuple, so that mypy checks each of the op's positional arguments against its own type.
+    def leaves() -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         lateral, weight, bias, top = make_inputs(case.level, dtype, channels_last, device,
                                                  requires_grad=True, seed=seed)
-        return [lateral, weight, bias if case.bias else None, top]
+        return (lateral, weight, bias if case.bias else None, top)
 
     ours, theirs = leaves(), leaves()
     try:

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ def _version(package: str) -> str | None:
 
 
 def machine_info(device: str) -> dict:
-    info = {
+    info: dict[str, Any] = {
         "device": device,
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),

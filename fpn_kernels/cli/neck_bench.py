@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -26,7 +26,7 @@ OUT_CHANNELS = 256
 IMAGE_HW = (800, 1216)
 
 
-def feature_sizes(image_hw: tuple[int, int] = IMAGE_HW) -> list[tuple[int, int]]:
+def feature_sizes(image_hw: tuple[int, ...] = IMAGE_HW) -> list[tuple[int, int]]:
     """C2..C5 spatial sizes: every stride-2 stage of a ResNet rounds up."""
     return [(math.ceil(image_hw[0] / s), math.ceil(image_hw[1] / s)) for s in R50_STRIDES]
 
@@ -37,7 +37,7 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
 
 def neck_inputs(
     batch: int, dtype: torch.dtype, channels_last: bool, device: torch.device | str,
-    image_hw: tuple[int, int] = IMAGE_HW, seed: int = 0,
+    image_hw: tuple[int, ...] = IMAGE_HW, seed: int = 0,
 ) -> OrderedDict[str, Tensor]:
     """Random C2..C5, named "0".."3" as torchvision's BackboneWithFPN names them."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -65,8 +65,8 @@ def neck_modules(
     return reference, FusedFPN.from_torchvision(reference, backend=backend)
 
 
-def _no_grad_call(module: Callable[[Mapping[str, Tensor]], object],
-                  features: Mapping[str, Tensor]) -> Callable[[], object]:
+def _no_grad_call(module: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]],
+                  features: Mapping[str, Tensor]) -> Callable[[], Mapping[str, Tensor]]:
     def call():
         with torch.no_grad():
             return module(features)
@@ -77,21 +77,23 @@ def _no_grad_call(module: Callable[[Mapping[str, Tensor]], object],
 def neck_cases(
     batch: int, dtype: torch.dtype, channels_last: bool, device: torch.device | str, *,
     image_hw: tuple[int, int] = IMAGE_HW, backend: str = "auto",
-) -> dict[str, Callable[[], object]]:
+) -> dict[str, Callable[[], Mapping[str, Tensor]]]:
     """Zero-argument callables, each running the whole neck once (no grad) on the same inputs
     and weights: "torchvision", "fused", "torchvision+compile", "fused+compile". The compiled
     ones compile on their first call (``fullgraph=True``: a graph break would fail loudly
     rather than time a split graph)."""
     features = neck_inputs(batch, dtype, channels_last, device, image_hw)
     reference, fused = neck_modules(dtype, channels_last, device, backend=backend)
-    modules: dict[str, nn.Module] = {"torchvision": reference, "fused": fused}
+    # Callables rather than nn.Module: torch.compile's stubs return a plain Callable.
+    modules: dict[str, Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]] = {
+        "torchvision": reference, "fused": fused}
     for name, module in list(modules.items()):
         modules[f"{name}+compile"] = torch.compile(module, fullgraph=True)
     return {name: _no_grad_call(module, features) for name, module in modules.items()}
 
 
 def max_abs_error(
-    cases: Mapping[str, Callable[[], object]], name: str = "fused",
+    cases: Mapping[str, Callable[[], Mapping[str, Tensor]]], name: str = "fused",
     reference: str = "torchvision",
 ) -> float:
     """The largest ``|cases[name]() - cases[reference]()|`` over every output level."""

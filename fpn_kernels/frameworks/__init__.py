@@ -124,7 +124,7 @@ def convert_with_report(model: nn.Module, backend: str = "auto"
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     _check_backend(backend)
-    found: dict[int, tuple[Conversion, ModuleType | None]] = {}
+    found: dict[int, tuple[Conversion | None, ModuleType | None]] = {}
     for path, module in model.named_modules():
         found[id(module)] = _classify(module, path)
     replaced: dict[int, nn.Module] = {}
@@ -134,6 +134,7 @@ def convert_with_report(model: nn.Module, backend: str = "auto"
         if framework is None:
             return None
         if id(module) not in replaced:
+            assert record is not None  # _classify gives a framework only with a record
             replaced[id(module)] = framework.fused(module, backend)
             found[id(module)] = (dataclasses.replace(
                 record, eager_merges=tuple(framework.eager_merges(module))), framework)

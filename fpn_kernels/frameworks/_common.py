@@ -59,11 +59,13 @@ NORM_VIEWS: dict[str, type[nn.Module]] = {
     # mmdet's "SyncBN": only its input-dimension check differs from torch's.
     "mmengine.utils.dl_utils.parrots_wrapper.SyncBatchNorm": nn.SyncBatchNorm,
 }
-# The instance attributes of every class a module is viewed as (view_as), read once from an
-# instance of it.
+# Every class a module is viewed as (view_as). Annotated: mypy joins the class object nn.Conv2d
+# and type[nn.Module] to object.
+_VIEWED_CLASSES: tuple[type[nn.Module], ...] = (nn.Conv2d, *NORM_VIEWS.values())
+# The instance attributes of each, read once from an instance of it.
 _VIEW_ATTRIBUTES: dict[type[nn.Module], tuple[str, ...]] = {
     cls: tuple(vars(cls(1, 1, 1) if issubclass(cls, nn.Conv2d) else cls(1)))
-    for cls in (nn.Conv2d, *NORM_VIEWS.values())
+    for cls in _VIEWED_CLASSES
 }
 
 
@@ -109,8 +111,10 @@ def scale_reason(scale_factor: object) -> str | None:
     """Why the op cannot take ``scale_factor`` as ``F.interpolate`` does, or None."""
 
     def real(s: object) -> bool:
+        # The numbers.Real ABC declares only < and <=, so mypy rejects `s > 0`; the reals that
+        # get here (int, float, numpy scalars, Fraction, ...) all define >.
         return (isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s)
-                and s > 0)
+                and s > 0)  # type: ignore[operator]
 
     if scale_factor is None or real(scale_factor):
         return None

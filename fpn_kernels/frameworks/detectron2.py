@@ -23,6 +23,7 @@ and two tiny ones over W and b, and needs no op argument in any backend.
 from __future__ import annotations
 
 import importlib
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,6 +57,8 @@ def lateral_block(conv: nn.Module) -> nn.Module | str:
 
 class _FusedForward(FusedNeck):
     """The forward of :func:`fused_class`'s subclasses."""
+
+    _fuse_type: str  # set by detectron2's FPN, which every such subclass also derives from
 
     def to_detectron2(self) -> nn.Module:
         """A plain detectron2 ``FPN`` sharing this module's submodules."""
@@ -110,8 +113,10 @@ def fused_class(base: type[nn.Module]) -> type[nn.Module]:
     if cls is None:
         namespace = {"__module__": __name__, "__qualname__": "FusedDetectron2FPN", "_base": base,
                      "__doc__": f"{FPN_PATH} whose top-down merges run the fused op."}
-        # type(base): detectron2's Backbone has ABCMeta as its metaclass.
-        cls = _FUSED[base] = type(base)("FusedDetectron2FPN", (_FusedForward, base), namespace)
+        # type(base): detectron2's Backbone has ABCMeta as its metaclass. (mypy cannot type a
+        # class created by calling a metaclass.)
+        cls = _FUSED[base] = type(base)(  # type: ignore[misc]
+            "FusedDetectron2FPN", (_FusedForward, base), namespace)
     return cls
 
 
@@ -131,8 +136,11 @@ def skip_reason(fpn: nn.Module) -> str | None:
 def eager_merges(fpn: nn.Module) -> list[str]:
     """The merges that run detectron2's expression now, and why (by module name)."""
     names = {id(m): name for name, m in fpn.named_children()}
-    return eager_notes((names.get(id(m), "?"), lateral_block(m)) for m in fpn.lateral_convs[1:])
+    # detectron2's FPN keeps its lateral convs in a plain list (each also a named child).
+    return eager_notes((names.get(id(m), "?"), lateral_block(m))
+                       for m in cast("list[nn.Module]", fpn.lateral_convs)[1:])
 
 
 def fused(fpn: nn.Module, backend: str) -> nn.Module:
-    return fused_class(type(fpn))._retyped_from(fpn, backend)
+    # fused_class's classes derive from _FusedForward as well as from detectron2's FPN.
+    return cast("type[_FusedForward]", fused_class(type(fpn)))._retyped_from(fpn, backend)

@@ -22,7 +22,7 @@ mmdet's own expression, so results stay exact. Importing this module imports mmd
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule
@@ -69,8 +69,10 @@ def merge_kwargs(upsample_cfg: object) -> dict[str, Any] | str:
     return {"mode": mode, "scale_factor": scale}
 
 
-def lateral_block(module: nn.Module) -> Block:
+def lateral_block(module: Any) -> Block:
     """mmcv's ``ConvModule`` as the block fused_lateral folds, or why it is not one."""
+    # ``module`` is any nn.Module. Typed Any: mmcv ships no types, so mypy cannot narrow it to
+    # ConvModule by the check below, nor know a ConvModule's attributes.
     if type(module) is not ConvModule:
         return f"{class_path(type(module))} is not mmcv's ConvModule"
     if module.with_activation:
@@ -115,10 +117,12 @@ class FusedMMDetFPN(FusedNeck, FPN):
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple:
         assert len(inputs) == len(self.in_channels)
-        kwargs = merge_kwargs(self.upsample_cfg)
+        # The op's mode and scale_factor, or why it cannot run; Any because the loop reads them
+        # only for a lateral with a fold, and folds exist only in the first case.
+        kwargs: Any = merge_kwargs(self.upsample_cfg)
         n = len(self.lateral_convs)
         # Folded (weight, bias) of every lateral that gets merged with a coarser level.
-        folds = [None] * n
+        folds: list[tuple[Tensor, Tensor | None] | None] = [None] * n
         if not isinstance(kwargs, str):
             folds[: n - 1] = [fold(lateral_block(m)) for m in list(self.lateral_convs)[: n - 1]]
         # mmdet computes all laterals first; the fused ones are computed by their merge.
@@ -128,21 +132,26 @@ class FusedMMDetFPN(FusedNeck, FPN):
         ]
         for i in range(n - 1, 0, -1):
             feature, top = inputs[i - 1 + self.start_level], laterals[i]
-            if folds[i - 1] is not None and scale_fits(top, feature, kwargs["scale_factor"]):
-                weight, bias = folds[i - 1]
+            assert top is not None  # the top level's lateral, or the last iteration's merge
+            folded = folds[i - 1]
+            if folded is not None and scale_fits(top, feature, kwargs["scale_factor"]):
+                weight, bias = folded
                 laterals[i - 1] = upsample_add_conv1x1(feature, weight, bias, top, **kwargs,
                                                        backend=self.backend)
                 continue
             if laterals[i - 1] is None:  # fusable, but the scale factor misses the size
                 laterals[i - 1] = self.lateral_convs[i - 1](feature)
+            lateral = laterals[i - 1]
+            assert lateral is not None  # set just above if it was None
             # mmdet's expression, which fails (or broadcasts) exactly as mmdet does.
             if "scale_factor" in self.upsample_cfg:
-                laterals[i - 1] = laterals[i - 1] + F.interpolate(top, **self.upsample_cfg)
+                laterals[i - 1] = lateral + F.interpolate(top, **self.upsample_cfg)
             else:
-                prev_shape = laterals[i - 1].shape[2:]
-                laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                prev_shape = lateral.shape[2:]
+                laterals[i - 1] = lateral + F.interpolate(
                     top, size=prev_shape, **self.upsample_cfg)
-        return self._outputs(inputs, laterals)
+        # Every lateral is computed or merged by now.
+        return self._outputs(inputs, cast("list[Tensor]", laterals))
 
     def _outputs(self, inputs: tuple[Tensor, ...], laterals: list[Tensor]) -> tuple:
         """mmdet's outputs from the merged laterals: fpn_convs, then the extra levels."""

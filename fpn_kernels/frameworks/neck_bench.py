@@ -18,6 +18,7 @@ import importlib
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,8 @@ def detectron2_cases(features, stand_ins: str | None, fuse_type: str,
         fpn_module = stand_in_modules["detectron2.modeling.backbone.fpn"]
         label = "detectron2 (tests' re-implementation)"
         notes.append("detectron2: not installed; measured on tests/_detectron2_fpn.py")
-    backbone = importlib.import_module("detectron2.modeling.backbone.backbone").Backbone
+    # Any: mypy accepts a class imported at run time as a base class only when it is Any.
+    backbone: Any = importlib.import_module("detectron2.modeling.backbone.backbone").Backbone
     names = [f"res{i}" for i in range(2, 6)]
     by_name = dict(zip(names, features.values(), strict=True))
 
@@ -104,7 +106,9 @@ def measure(cases: dict[str, Case], policy: TimingPolicy) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nothing is skipped in these necks
             fused = convert(neck)  # a new module: the neck is the root, and stays as it is
-        calls: dict[str, Callable[[], object]] = {
+        # Callable[..., Any]: mypy cannot infer a lambda with defaults against Callable[[], ...],
+        # and a neck's output is a tuple or a dict of tensors, by framework.
+        calls: dict[str, Callable[..., Any]] = {
             "framework": lambda n=neck, x=inputs: n(x), "fused": lambda f=fused, x=inputs: f(x)
         }
         with torch.no_grad():

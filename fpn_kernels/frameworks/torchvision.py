@@ -4,6 +4,7 @@ module gives :func:`fpn_kernels.convert` what it reports about one."""
 from __future__ import annotations
 
 from torch import nn
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from ..modules import FusedFPN
 from ._common import eager_notes
@@ -18,7 +19,7 @@ def skip_reason(fpn: nn.Module) -> str | None:
     return None
 
 
-def eager_merges(fpn: nn.Module) -> list[str]:
+def eager_merges(fpn: FeaturePyramidNetwork) -> list[str]:
     """The merges that run torchvision's expression now, and why."""
     blocks = list(fpn.inner_blocks)[:-1]  # the top level has no merge
     return eager_notes((f"inner_blocks.{i}", b) for i, b in enumerate(blocks))

@@ -162,8 +162,8 @@ def _layouts(use: str) -> list[tuple[bool | None, int | None]]:
         return [(None, None)]
     if use not in _ALIGNED_USES:
         return [(False, None), (True, None)]
-    return ([(False, PROFILE_PIXEL_ALIGN), (True, 1)]
-            + [(False, a) for a in LAUNCH_PIXEL_ALIGNS if a != PROFILE_PIXEL_ALIGN])
+    base: list[tuple[bool | None, int | None]] = [(False, PROFILE_PIXEL_ALIGN), (True, 1)]
+    return base + [(False, a) for a in LAUNCH_PIXEL_ALIGNS if a != PROFILE_PIXEL_ALIGN]
 
 
 def _factors(use: str, size: int) -> dict[str, list]:

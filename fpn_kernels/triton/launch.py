@@ -205,7 +205,7 @@ class NearestIndex:
             self.tables = tuple(_index_table(kind, i, o, s, mode, index_kernel, device)
                                 for i, o, s in axes)
 
-    def pointers(self, unused: Tensor) -> tuple[Tensor, Tensor]:
+    def pointers(self, unused: Tensor) -> tuple[Tensor, ...]:
         """The two table arguments (``unused`` where the kernel computes the index)."""
         return self.tables if self.tables is not None else (unused, unused)
 

@@ -24,11 +24,17 @@ class LevelShape(Protocol):
     """One top-down merge: lateral (n, c_in, *out_hw) + top (n, c_out, *top_hw); e.g.
     ``fpn_kernels.cli.cases.Level``."""
 
-    n: int
-    c_in: int
-    c_out: int
-    out_hw: tuple[int, int]
-    top_hw: tuple[int, int]
+    # Read-only members, so that frozen dataclasses (such as Level) implement the protocol.
+    @property
+    def n(self) -> int: ...
+    @property
+    def c_in(self) -> int: ...
+    @property
+    def c_out(self) -> int: ...
+    @property
+    def out_hw(self) -> tuple[int, int]: ...
+    @property
+    def top_hw(self) -> tuple[int, int]: ...
 
 
 def bytes_moved(level: LevelShape, element_size: int) -> tuple[int, int]:
