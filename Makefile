@@ -22,6 +22,7 @@ build: $(STAMP)
 
 test: setup
 	$(VPY) -m ruff check fpn_kernels tests benchmarks setup.py
+	$(VPY) -m mypy
 	$(VPY) -m pytest -q tests benchmarks --benchmark-disable
 
 bench: setup
