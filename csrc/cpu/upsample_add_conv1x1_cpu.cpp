@@ -37,7 +37,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
